@@ -1,0 +1,185 @@
+"""FX trace -> coupling graph (networkx) -> groups of prunable units.
+
+Nodes of the graph are parameter axes ("model.layers.0.mlp.up_proj.weight", 0). Two axes are joined by an edge
+when tracing found that some factor of one must be indexed like some factor of the other; the edge records
+the mapping: "identity" (whole axis to whole axis), "block" (one axis is split into heads x head_dim) or
+"repeat" (GQA: a KV head serves several query heads). Connected components become groups.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+from torch import nn
+
+from .groups import Group, GroupKind, Slice
+from .propagate import Propagation, propagate
+from .trace import Trace, trace_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CouplingGraph:
+    """The coupling graph of one model and the groups cut from it."""
+
+    graph: nx.Graph
+    groups: list[Group]
+    layers_path: str | None
+    trace_seconds: float
+    frozen_ops: list[str] = field(default_factory=list)
+
+    def by_name(self) -> dict[str, Group]:
+        return {g.name: g for g in self.groups}
+
+    def of_kind(self, kind: GroupKind) -> list[Group]:
+        return [g for g in self.groups if g.kind == kind]
+
+
+def find_layers_path(model: nn.Module) -> str | None:
+    """The ModuleList holding the decoder blocks: the one with the most parameters."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(p.numel() for p in module.parameters())
+            if count > best_count:
+                best, best_count = name, count
+    return best
+
+
+def canonical_param_names(model: nn.Module) -> dict[str, str]:
+    """Map every name of a parameter (tied weights have several) to the first name PyTorch reports for it."""
+    first: dict[int, str] = {}
+    canonical = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        canonical[name] = first.setdefault(id(param), name)
+    return canonical
+
+
+def build_coupling(model: nn.Module, trace: Trace | None = None) -> CouplingGraph:
+    """Trace `model` (unless a trace is given) and derive its coupling graph and groups."""
+    trace = trace or trace_model(model)
+    canonical = canonical_param_names(model)
+    param_names = {node: canonical.get(name, name) for node, name in trace.param_names.items()}
+    prop = propagate(trace.graph, param_names)
+    layers_path = find_layers_path(model)
+    embedding_params = {param_names[n] for n in prop.embedding_params if n in param_names}
+    slices_by_class, graph = _collect_slices(prop)
+    output_classes = {prop.atoms.find(leaf) for atom in prop.output_atoms for leaf in prop.atoms.leaves(atom)}
+    groups = _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, output_classes)
+    groups += _layer_groups(model, layers_path)
+    return CouplingGraph(graph, groups, layers_path, trace.seconds, sorted(prop.unknown_ops))
+
+
+def _collect_slices(prop: Propagation) -> tuple[dict[int, list[tuple]], nx.Graph]:
+    """For every atom class, the (param, axis, factors, position) places where it appears."""
+    atoms = prop.atoms
+    by_class: dict[int, list[tuple]] = defaultdict(list)
+    graph = nx.Graph()
+    for (param, axis), atom in prop.param_axes.items():
+        leaves = atoms.leaves(atom)
+        factors = tuple(atoms.size[leaf] for leaf in leaves)
+        graph.add_node((param, axis), size=atoms.size[atoms.find(atom)], factors=factors)
+        for position, leaf in enumerate(leaves):
+            by_class[atoms.find(leaf)].append((param, axis, factors, position))
+    for root, places in by_class.items():
+        mapping = "repeat" if atoms.is_repeat[root] else "identity"
+        for i in range(1, len(places)):
+            a, b = places[0], places[i]
+            if mapping == "identity" and (len(a[2]) > 1 or len(b[2]) > 1):
+                mapping = "block"
+            graph.add_edge(a[:2], b[:2], mapping=mapping, atom_class=root, atomic=atoms.atomic[root])
+    return by_class, graph
+
+
+def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, output_classes) -> list[Group]:
+    atoms = prop.atoms
+    groups: list[Group] = []
+    roots_by_component: dict[frozenset, list[int]] = defaultdict(list)
+    component_of = {}
+    for component in nx.connected_components(graph):
+        key = frozenset(component)
+        for node in component:
+            component_of[node] = key
+    for root, places in slices_by_class.items():
+        roots_by_component[component_of[places[0][:2]]].append(root)
+    for component, roots in roots_by_component.items():
+        prunable = [r for r in roots if not atoms.atomic[r] and atoms.size[r] > 1]
+        outers = [r for r in prunable if not atoms.is_repeat[r]]
+        repeats = [r for r in prunable if atoms.is_repeat[r]]
+        for root in outers:
+            group = _make_group(root, slices_by_class[root], atoms, layers_path, embedding_params,
+                                root in output_classes)
+            nested = [r for r in repeats if _nested_in(slices_by_class[r], root, slices_by_class[root])]
+            if nested and group.kind == GroupKind.HEADS:
+                group.nested = _make_nested(group, nested[0], slices_by_class[nested[0]], slices_by_class[root])
+            groups.append(group)
+    return sorted(groups, key=lambda g: (g.layer if g.layer is not None else -1, g.kind.value, g.name))
+
+
+def _make_group(root, places, atoms, layers_path, embedding_params, is_output) -> Group:
+    slices = tuple(sorted(Slice(p, a, f, pos) for p, a, f, pos in places))
+    kind = GroupKind.CHANNELS
+    if is_output or any(s.param in embedding_params and s.axis == 0 for s in slices):
+        kind = GroupKind.VOCAB
+    elif any(s.param in embedding_params and s.axis == 1 for s in slices):
+        kind = GroupKind.HIDDEN
+    elif any(len(s.factors) > 1 for s in slices):
+        kind = GroupKind.HEADS
+    unit_width = max((_inner_width(s) for s in slices), default=1)
+    layer, name = _name_for(slices, kind, layers_path)
+    return Group(name=name, kind=kind, size=atoms.size[root], slices=slices, layer=layer, unit_width=unit_width)
+
+
+def _inner_width(s: Slice) -> int:
+    width = 1
+    for size in s.factors[s.factor + 1:]:
+        width *= size
+    return width
+
+
+def _nested_in(repeat_places, outer_root, outer_places) -> bool:
+    outer_at = {(p, a): pos for p, a, _, pos in outer_places}
+    return all(outer_at.get((p, a)) == pos - 1 for p, a, _, pos in repeat_places)
+
+
+def _make_nested(outer: Group, root, places, outer_places) -> Group:
+    outer_at = {(p, a): pos for p, a, _, pos in outer_places}
+    slices = tuple(sorted(Slice(p, a, f, pos, outer_at[(p, a)]) for p, a, f, pos in places))
+    return Group(name=outer.name + ".query_per_kv", kind=GroupKind.HEADS, size=places and slices[0].factors[
+        slices[0].factor], slices=slices, layer=outer.layer, unit_width=outer.unit_width)
+
+
+def _name_for(slices, kind: GroupKind, layers_path: str | None) -> tuple[int | None, str]:
+    if kind == GroupKind.HIDDEN:
+        return None, kind.value
+    modules = [s.param.rsplit(".", 1)[0].split(".") for s in slices]
+    common = []
+    for parts in zip(*modules):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    path = ".".join(common)
+    layer = None
+    if layers_path and path.startswith(layers_path + "."):
+        match = re.match(r"(\d+)(?:\.(.*))?$", path[len(layers_path) + 1:])
+        if match:
+            layer = int(match.group(1))
+            path = f"layers.{layer}" + (f".{match.group(2)}" if match.group(2) else "")
+    suffix = {GroupKind.HEADS: "heads", GroupKind.VOCAB: "vocab"}.get(kind, "channels")
+    return layer, f"{path}.{suffix}" if path else suffix
+
+
+def _layer_groups(model: nn.Module, layers_path: str | None) -> list[Group]:
+    if layers_path is None:
+        return []
+    layers = model.get_submodule(layers_path)
+    groups = []
+    for index, block in enumerate(layers):
+        params = tuple(f"{layers_path}.{index}.{n}" for n, _ in block.named_parameters())
+        groups.append(Group(name=f"layers.{index}", kind=GroupKind.LAYER, size=1, layer=index,
+                            module=f"{layers_path}.{index}", params=params))
+    return groups

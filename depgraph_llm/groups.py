@@ -1,0 +1,68 @@
+"""Plain data types shared by every stage: slices of parameters and the groups of units they form."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+
+class GroupKind(str, Enum):
+    """What a group's units are."""
+
+    CHANNELS = "channels"  # one unit = one channel of an inner width (e.g. MLP intermediate)
+    HEADS = "heads"        # one unit = one attention head or KV group (a block of head_dim channels)
+    HIDDEN = "hidden"      # one unit = one channel of the residual stream, across every layer
+    VOCAB = "vocab"        # one unit = one token row of the embedding / LM head
+    LAYER = "layer"        # the single unit is a whole decoder layer
+
+
+@dataclass(frozen=True, order=True)
+class Slice:
+    """One parameter axis that a group's units run along.
+
+    The axis is viewed as a row-major grid `factors`; the group's unit index runs along `factor`. For a nested
+    group (query heads inside KV groups) `outer` is the factor of the enclosing group.
+    """
+
+    param: str
+    axis: int
+    factors: tuple[int, ...]
+    factor: int
+    outer: int | None = None
+
+    def unit_scores(self, element_scores: torch.Tensor) -> torch.Tensor:
+        """Sum per-element scores of this parameter into per-unit scores ((size,) or (outer, size))."""
+        per_axis = element_scores.movedim(self.axis, 0).reshape(element_scores.shape[self.axis], -1).sum(1)
+        grid = per_axis.reshape(self.factors)
+        keep = [self.factor] if self.outer is None else [self.outer, self.factor]
+        reduce = [d for d in range(len(self.factors)) if d not in keep]
+        return grid.sum(dim=reduce) if reduce else grid
+
+    def axis_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """Boolean mask over the axis from a keep mask over units ((size,) or (outer, size))."""
+        shape = [1] * len(self.factors)
+        shape[self.factor] = self.factors[self.factor]
+        if self.outer is not None:
+            shape[self.outer] = self.factors[self.outer]
+        grid = keep.reshape(shape).expand(self.factors)
+        return grid.reshape(-1)
+
+
+@dataclass
+class Group:
+    """A set of coupled units that are removed together, one unit at a time."""
+
+    name: str
+    kind: GroupKind
+    size: int
+    slices: tuple[Slice, ...] = ()
+    layer: int | None = None
+    unit_width: int = 1
+    nested: Group | None = None
+    module: str | None = None
+    params: tuple[str, ...] = field(default=())
+
+    @property
+    def param_names(self) -> set[str]:
+        return {s.param for s in self.slices} | set(self.params)
