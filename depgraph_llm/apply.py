@@ -1,0 +1,167 @@
+"""The physical remover: slice parameters along pruned axes, fix module attributes, rewrite the config."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from models import ArchSpec
+from .coupling import CouplingGraph
+from .errors import UserError
+from .groups import GroupKind
+from .plan import PrunePlan, axis_masks
+
+log = logging.getLogger(__name__)
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) that holds each parameter; tied weights have several."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                owners[id(param)].append((module, attr))
+    return owners
+
+
+def mask_model(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan) -> None:
+    """Zero the pruned units in place (the dense model then computes what the slim one does)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for (name, axis), keep in axis_masks(coupling, plan).items():
+            shape = [1] * params[name].dim()
+            shape[axis] = -1
+            params[name].mul_(keep.reshape(shape).to(params[name].dtype))
+
+
+def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> nn.Module:
+    """Physically remove what `plan` prunes from `model` (in place) and rewrite `model.config`."""
+    masks = axis_masks(coupling, plan)
+    params = dict(model.named_parameters())
+    owners = _owners(model)
+    by_param: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for (name, axis), keep in masks.items():
+        if not bool(keep.all()):
+            by_param[name][axis] = keep.nonzero().flatten()
+    for name, axes in by_param.items():
+        old = params[name]
+        data = old.data
+        for axis, index in sorted(axes.items()):
+            data = data.index_select(axis, index)
+        new = nn.Parameter(data.contiguous(), requires_grad=old.requires_grad)
+        for module, attr in owners[id(old)]:
+            setattr(module, attr, new)
+    _fix_module_sizes(model)
+    _fix_attention_attrs(model, coupling, plan, spec)
+    _remove_layers(model, coupling, plan, spec)
+    _rewrite_config(model, coupling, plan, spec)
+    return model
+
+
+def _fix_module_sizes(model: nn.Module) -> None:
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.num_embeddings, module.embedding_dim = weight.shape
+        elif isinstance(module, nn.LayerNorm):
+            module.normalized_shape = tuple(weight.shape)
+
+
+def head_counts(coupling: CouplingGraph, plan: PrunePlan) -> dict[int, dict[str, int]]:
+    """Per layer: kept q_heads, kv_heads and q_per_kv after the plan."""
+    counts = {}
+    for group in coupling.of_kind(GroupKind.HEADS):
+        if group.layer is None:
+            continue
+        kv = len(plan.keep.get(group.name, range(group.size)))
+        if group.nested is not None:
+            rows = plan.keep_nested.get(group.nested.name)
+            q_per_kv = len(rows[0]) if rows else group.nested.size
+        else:
+            q_per_kv = 1
+        counts[group.layer] = {"kv_heads": kv, "q_per_kv": q_per_kv, "q_heads": kv * q_per_kv,
+                               "module": group.name.rsplit(".", 1)[0]}
+    return counts
+
+
+def _fix_attention_attrs(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> None:
+    layers_path = coupling.layers_path or ""
+    for layer, counts in head_counts(coupling, plan).items():
+        module_path = counts["module"].replace("layers.", f"{layers_path}.", 1)
+        try:
+            attention = model.get_submodule(module_path)
+        except AttributeError:
+            continue
+        for attr, which in spec.attention_attrs.items():
+            if isinstance(getattr(attention, attr, None), int):
+                setattr(attention, attr, counts[which])
+
+
+def _remove_layers(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> None:
+    if not plan.removed_layers:
+        return
+    layers: nn.ModuleList = model.get_submodule(coupling.layers_path)
+    removed = set(plan.removed_layers)
+    if len(removed) >= len(layers):
+        raise UserError("the plan removes every decoder layer; keep at least one")
+    kept = [block for i, block in enumerate(layers) if i not in removed]
+    for new_index, block in enumerate(kept):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    parent_path, _, attr = coupling.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList(kept))
+    config = model.config
+    for field in spec.per_layer_fields:
+        values = getattr(config, field, None)
+        if isinstance(values, list) and len(values) == len(layers):
+            setattr(config, field, [v for i, v in enumerate(values) if i not in removed])
+
+
+def layer_widths(coupling: CouplingGraph, plan: PrunePlan) -> list[dict[str, int]]:
+    """Per kept layer: MLP width and head counts after the plan."""
+    heads = head_counts(coupling, plan)
+    widths = []
+    layers = sorted({g.layer for g in coupling.groups if g.layer is not None})
+    for layer in layers:
+        if layer in plan.removed_layers:
+            continue
+        row: dict[str, int] = {"layer": layer}
+        for g in coupling.groups:
+            if g.layer == layer and g.kind == GroupKind.CHANNELS:
+                row["mlp"] = len(plan.keep.get(g.name, range(g.size)))
+        if layer in heads:
+            row.update({k: v for k, v in heads[layer].items() if k != "module"})
+        widths.append(row)
+    return widths
+
+
+def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> None:
+    config = model.config
+    widths = layer_widths(coupling, plan)
+    for key in ("mlp", "q_heads", "kv_heads"):
+        values = {row[key] for row in widths if key in row}
+        if len(values) > 1:
+            raise UserError(f"per-layer {key} widths differ ({sorted(values)}): this needs a heterogeneous "
+                            "checkpoint, which is not supported yet; use --schedule uniform")
+    first = widths[0] if widths else {}
+    if spec.head_dim_field and first.get("q_heads") is not None:
+        head_dim = getattr(config, spec.head_dim_field, None) or config.hidden_size // getattr(config, spec.q_heads_field)
+        setattr(config, spec.head_dim_field, head_dim)
+    if "mlp" in first:
+        setattr(config, spec.mlp_width_field, first["mlp"])
+    if "q_heads" in first:
+        setattr(config, spec.q_heads_field, first["q_heads"])
+        if spec.kv_heads_field:
+            setattr(config, spec.kv_heads_field, first["kv_heads"])
+    hidden = coupling.of_kind(GroupKind.HIDDEN)
+    if hidden and hidden[0].name in plan.keep:
+        setattr(config, spec.hidden_field, len(plan.keep[hidden[0].name]))
+    setattr(config, spec.layers_field, len(widths) if widths else getattr(config, spec.layers_field))

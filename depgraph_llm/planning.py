@@ -1,0 +1,161 @@
+"""Ratio -> kept units. The uniform schedule gives every layer the same widths (a stock-config checkpoint)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .coupling import CouplingGraph
+from .errors import UserError
+from .groups import Group, GroupKind
+
+log = logging.getLogger(__name__)
+RATIO_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Uniform per-layer widths: MLP channels, KV groups (or heads), query heads per KV group."""
+
+    mlp: int | None
+    kv: int | None
+    q_per_kv: int | None
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores, ascending; ties go to the lower index so plans are deterministic."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+class ParamCounter:
+    """Exact parameter count of the model after keeping given numbers of units per group."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], coupling: CouplingGraph):
+        self.shapes = shapes
+        self.layer_params = {g.layer: set(g.params) for g in coupling.of_kind(GroupKind.LAYER)}
+        self.places: dict[str, list[tuple[tuple[str, int], int, int | None]]] = {}
+        for group in coupling.groups:
+            for g in (group, group.nested):
+                if g is not None:
+                    self.places[g.name] = [((s.param, s.axis), s.factor, s.outer) for s in g.slices]
+        self.factors = {(s.param, s.axis): s.factors for g in coupling.groups for s in g.slices}
+
+    def count(self, kept: dict[str, int], removed_layers: frozenset[int] = frozenset()) -> int:
+        """`kept` maps group name (or nested group name) to units kept (per outer unit for nested groups)."""
+        factors = {key: list(f) for key, f in self.factors.items()}
+        for name, k in kept.items():
+            for key, factor, _outer in self.places[name]:
+                factors[key][factor] = min(factors[key][factor], k)
+        removed = set().union(*(self.layer_params.get(i, set()) for i in removed_layers)) if removed_layers else set()
+        total = 0
+        for name, shape in self.shapes.items():
+            if name in removed:
+                continue
+            numel = 1
+            for axis, size in enumerate(shape):
+                f = factors.get((name, axis))
+                numel *= size if f is None else _prod(f)
+            total += numel
+        return total
+
+
+def _prod(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def width_candidates(size: int, round_to: int) -> list[int]:
+    """Allowed kept widths: multiples of round_to, plus the full width."""
+    step = max(1, round_to)
+    return sorted({w for w in range(step, size + 1, step)} | {size})
+
+
+def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[str, torch.Tensor], ratio: float,
+                 round_to: int, is_valid: Callable[[Widths], bool]) -> tuple[dict, dict, int]:
+    """Same widths in every layer; returns (keep, keep_nested, params_after) hitting `ratio` within tolerance."""
+    mlp = [g for g in coupling.of_kind(GroupKind.CHANNELS) if g.layer is not None]
+    heads = [g for g in coupling.of_kind(GroupKind.HEADS) if g.layer is not None]
+    if not mlp and not heads:
+        raise UserError("this model has no prunable MLP channels or attention heads; see `depgraph-llm graph`")
+    total = counter.count({})
+    target = total * (1.0 - ratio)
+    mlp_size = min((g.size for g in mlp), default=None)
+    kv_size = min((g.size for g in heads), default=None)
+    q_size = min((g.nested.size for g in heads if g.nested), default=None)
+    options = []
+    for kv in range(1, (kv_size or 0) + 1) or [None]:
+        for q in range(1, (q_size or 0) + 1) or [None]:
+            kept = _head_counts(heads, kv, q)
+            attn_frac = 1.0 - counter.count(kept) / total if heads else 0.0
+            best = _search_mlp(counter, mlp, mlp_size, round_to, kept, target)
+            widths = Widths(best[0], kv, q)
+            achieved = 1.0 - best[1] / total
+            options.append((abs(achieved - ratio) > RATIO_TOLERANCE, abs(attn_frac - _mlp_frac(best, mlp_size)),
+                            abs(achieved - ratio), widths, best[1]))
+    options.sort(key=lambda o: (o[0], o[1], o[2]))
+    valid = [o for o in options if is_valid(o[3])]
+    if not valid or valid[0][0]:
+        nearest = min(valid or options, key=lambda o: o[2])
+        reach = 1.0 - nearest[4] / total
+        raise UserError(f"ratio {ratio} cannot be reached within ±{RATIO_TOLERANCE} with --round-to {round_to}; "
+                        f"the nearest reachable ratio is {reach:.3f}")
+    widths, params_after = valid[0][3], valid[0][4]
+    log.info("uniform widths: %s", widths)
+    keep, keep_nested = select_units(mlp, heads, scores, widths)
+    return keep, keep_nested, params_after
+
+
+def _head_counts(heads: list[Group], kv: int | None, q: int | None) -> dict[str, int]:
+    kept = {}
+    for g in heads:
+        if kv is not None:
+            kept[g.name] = kv
+        if g.nested is not None and q is not None:
+            kept[g.nested.name] = q
+    return kept
+
+
+def _mlp_frac(best: tuple[int | None, int], mlp_size: int | None) -> float:
+    return 0.0 if best[0] is None or not mlp_size else 1.0 - best[0] / mlp_size
+
+
+def _search_mlp(counter, mlp, mlp_size, round_to, kept, target) -> tuple[int | None, int]:
+    """Binary search the uniform MLP width whose parameter count is closest to target."""
+    if not mlp:
+        return None, counter.count(kept)
+    candidates = width_candidates(mlp_size, round_to)
+
+    def params(width: int) -> int:
+        return counter.count({**kept, **{g.name: width for g in mlp}})
+
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:  # first width whose count reaches the target
+        mid = (lo + hi) // 2
+        if params(candidates[mid]) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    near = {candidates[i] for i in (lo - 1, lo) if 0 <= i < len(candidates)}
+    width = min(near, key=lambda w: (abs(params(w) - target), w))
+    return width, params(width)
+
+
+def select_units(mlp: list[Group], heads: list[Group], scores: dict[str, torch.Tensor],
+                 widths: Widths) -> tuple[dict[str, list[int]], dict[str, list[list[int]]]]:
+    """Pick the highest-scoring units in every layer for the given uniform widths."""
+    keep: dict[str, list[int]] = {}
+    keep_nested: dict[str, list[list[int]]] = {}
+    for g in mlp:
+        if widths.mlp is not None and widths.mlp < g.size:
+            keep[g.name] = top_k(scores[g.name], widths.mlp)
+    for g in heads:
+        if widths.kv is not None and widths.kv < g.size:
+            keep[g.name] = top_k(scores[g.name], widths.kv)
+        if g.nested is not None and widths.q_per_kv is not None and widths.q_per_kv < g.nested.size:
+            keep_nested[g.nested.name] = [top_k(row, widths.q_per_kv) for row in scores[g.nested.name]]
+    return keep, keep_nested

@@ -1,0 +1,63 @@
+"""Per-architecture knowledge that a trace cannot give, as data: config field names and attributes to update.
+
+Adding an architecture is one small file in this package that calls `register(ArchSpec(...))`; a model whose
+config uses the common field names needs none (the default spec is used).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where an architecture keeps its widths in the config and on its attention modules."""
+
+    model_types: tuple[str, ...]
+    mlp_width_field: str = "intermediate_size"
+    q_heads_field: str = "num_attention_heads"
+    kv_heads_field: str | None = "num_key_value_heads"
+    head_dim_field: str | None = "head_dim"
+    hidden_field: str = "hidden_size"
+    layers_field: str = "num_hidden_layers"
+    per_layer_fields: tuple[str, ...] = ("layer_types",)
+    # attribute on the attention module -> which count it holds: "q_heads", "kv_heads" or "q_per_kv"
+    attention_attrs: dict[str, str] = field(default_factory=lambda: {
+        "num_heads": "q_heads", "num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",
+        "num_key_value_groups": "q_per_kv"})
+
+
+DEFAULT_SPEC = ArchSpec(model_types=())
+ARCHITECTURES: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    """Register `spec` for each of its model types."""
+    for model_type in spec.model_types:
+        ARCHITECTURES[model_type] = spec
+    return spec
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    """The spec registered for `model_type`, or the default one for Llama-like configs."""
+    _load_all()
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        log.info("no models/ entry for model_type %r: using the default field names", model_type)
+        return DEFAULT_SPEC
+    return spec
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+        _loaded = True
