@@ -129,7 +129,7 @@ def _make_group(root, places, atoms, layers_path, embedding_params, is_output) -
         kind = GroupKind.HIDDEN
     elif any(len(s.factors) > 1 for s in slices):
         kind = GroupKind.HEADS
-    unit_width = max((_inner_width(s) for s in slices), default=1)
+    unit_width = min((_inner_width(s) for s in slices), default=1)
     layer, name = _name_for(slices, kind, layers_path)
     return Group(name=name, kind=kind, size=atoms.size[root], slices=slices, layer=layer, unit_width=unit_width)
 

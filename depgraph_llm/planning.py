@@ -43,8 +43,11 @@ class ParamCounter:
                     self.places[g.name] = [((s.param, s.axis), s.factor, s.outer) for s in g.slices]
         self.factors = {(s.param, s.axis): s.factors for g in coupling.groups for s in g.slices}
 
-    def count(self, kept: dict[str, int], removed_layers: frozenset[int] = frozenset()) -> int:
-        """`kept` maps group name (or nested group name) to units kept (per outer unit for nested groups)."""
+    def count(self, kept: dict[str, int], removed_layers: frozenset[int] = frozenset(),
+              only: set[str] | None = None) -> int:
+        """`kept` maps group name (or nested group name) to units kept (per outer unit for nested groups).
+
+        With `only`, count just those parameters."""
         factors = {key: list(f) for key, f in self.factors.items()}
         for name, k in kept.items():
             for key, factor, _outer in self.places[name]:
@@ -52,7 +55,7 @@ class ParamCounter:
         removed = set().union(*(self.layer_params.get(i, set()) for i in removed_layers)) if removed_layers else set()
         total = 0
         for name, shape in self.shapes.items():
-            if name in removed:
+            if name in removed or (only is not None and name not in only):
                 continue
             numel = 1
             for axis, size in enumerate(shape):
@@ -87,11 +90,13 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     mlp_size = min((g.size for g in mlp), default=None)
     kv_size = min((g.size for g in heads), default=None)
     q_size = min((g.nested.size for g in heads if g.nested), default=None)
+    attn_params = {s.param for g in heads for s in g.slices}
+    attn_total = counter.count({}, only=attn_params) if heads else 0
     options = []
     for kv in range(1, (kv_size or 0) + 1) or [None]:
         for q in range(1, (q_size or 0) + 1) or [None]:
             kept = _head_counts(heads, kv, q)
-            attn_frac = 1.0 - counter.count(kept) / total if heads else 0.0
+            attn_frac = 1.0 - counter.count(kept, only=attn_params) / attn_total if heads else 0.0
             best = _search_mlp(counter, mlp, mlp_size, round_to, kept, target)
             widths = Widths(best[0], kv, q)
             achieved = 1.0 - best[1] / total

@@ -1,0 +1,110 @@
+"""Command line: `depgraph-llm prune|graph ...`; `python prune.py ...` is `depgraph-llm prune ...`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("depgraph_llm")
+
+
+def _add_prune_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_pos", nargs="?", metavar="MODEL", help="model folder or .gguf (same as --model)")
+    parser.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, e.g. 0.25")
+    parser.add_argument("--out", type=Path, help="output folder (default: ./<model>-pruned-<ratio>)")
+    parser.add_argument("--importance", default="taylor", help="importance estimator (l2, l1, taylor, taylor-vector)")
+    parser.add_argument("--calibration", help="calibration text: a file, a folder of text files, or .json/.jsonl")
+    parser.add_argument("--eval-text", help="text for perplexity before/after (default: licence texts)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--round-to", type=int, default=8, help="round MLP widths to a multiple of this")
+    parser.add_argument("--calibration-samples", type=int, default=8, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored for perplexity")
+    parser.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped inside the checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depgraph-llm", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prune = sub.add_parser("prune", help="prune a model to a smaller HF checkpoint")
+    _add_prune_args(prune)
+    graph = sub.add_parser("graph", help="print the coupling groups of a model")
+    graph.add_argument("model_pos", nargs="?", metavar="MODEL")
+    graph.add_argument("--model", help="HF model folder or .gguf file (default: the embedded model)")
+    graph.add_argument("--graphml", type=Path, help="also write the coupling graph as GraphML")
+    graph.add_argument("--all", action="store_true", help="list every group instead of one layer's worth")
+    graph.add_argument("--trust-remote-code", action="store_true")
+    return parser
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import PruneOptions, run_prune
+    from .summary import prune_summary
+
+    options = PruneOptions(
+        model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
+        calibration=args.calibration, eval_text=args.eval_text, seed=args.seed, round_to=args.round_to,
+        calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+        evaluate=not args.no_eval, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    result = run_prune(options)
+    print(prune_summary(result.report, result.out))
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from .coupling import build_coupling
+    from .loading import load_model, resolve_model_path
+    from .summary import groups_table
+
+    model, _ = load_model(resolve_model_path(args.model or args.model_pos), args.trust_remote_code)
+    coupling = build_coupling(model)
+    print(groups_table(coupling, model, show_all=args.all))
+    if args.graphml:
+        import networkx as nx
+
+        graph = nx.relabel_nodes(coupling.graph, {n: f"{n[0]}:{n[1]}" for n in coupling.graph.nodes})
+        for _, data in graph.nodes(data=True):
+            data["factors"] = str(data["factors"])
+        nx.write_graphml(graph, args.graphml)
+        print(f"coupling graph written to {args.graphml}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "graph": cmd_graph}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+def prune_main(argv: list[str] | None = None) -> int:
+    """Entry point of the root prune.py: `depgraph-llm prune` with the same flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    leading = [a for a in argv if a in ("--debug", "--verbose", "-v")]
+    rest = [a for a in argv if a not in leading]
+    return main([*leading, "prune", *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The prune job: load -> trace/couple -> score -> plan -> apply -> evaluate -> save. One function per stage."""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from evaluation.perplexity import perplexity
+from models import spec_for
+from . import __version__
+from .apply import apply_plan, layer_widths
+from .calibration import DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text, token_windows
+from .checkpoint import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
+from .coupling import build_coupling
+from .errors import UserError
+from .importance import get_estimator, score_groups
+from .loading import load_model, resolve_model_path
+from .plan import PrunePlan
+from .planning import ParamCounter, Widths, plan_uniform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneOptions:
+    """Everything the prune job needs; validated by `validate()` before any work starts."""
+
+    model: str | None = None
+    ratio: float = 0.25
+    out: Path | None = None
+    importance: str = "taylor"
+    calibration: str | None = None
+    eval_text: str | None = None
+    seed: int = 0
+    round_to: int = 8
+    calibration_samples: int = 8
+    seq_len: int = 512
+    eval_seq_len: int = 512
+    eval_tokens: int = 4096
+    evaluate: bool = True
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    show_progress: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise UserError(f"--ratio {self.ratio} is outside (0, 1); pass the fraction of parameters to remove, e.g. 0.25")
+        if self.round_to < 1:
+            raise UserError(f"--round-to {self.round_to} must be a positive integer (e.g. 8, 64, 128)")
+        for name in ("calibration_samples", "seq_len", "eval_seq_len", "eval_tokens"):
+            if getattr(self, name) < 1 or (name.endswith("seq_len") and getattr(self, name) < 2):
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small; pass a positive value")
+        get_estimator(self.importance)
+        if self.out is not None:
+            check_output_dir(Path(self.out), self.overwrite)
+
+
+@dataclass
+class PruneResult:
+    out: Path
+    report: dict
+    plan: PrunePlan
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = round(time.perf_counter() - self.start, 3)
+
+        return _Span()
+
+
+def default_out_dir(model_path: Path, ratio: float) -> Path:
+    return Path.cwd() / f"{model_path.name}-pruned-{ratio:g}"
+
+
+def _texts(options: PruneOptions) -> tuple[str, str, list[str], list[str]]:
+    cal_files = [Path(options.calibration)] if options.calibration else default_files(DEFAULT_CALIBRATION_FILES)
+    eval_files = [Path(options.eval_text)] if options.eval_text else default_files(DEFAULT_EVAL_FILES)
+    return load_text(cal_files), load_text(eval_files), [str(f) for f in cal_files], [str(f) for f in eval_files]
+
+
+def config_accepts(model, spec, widths: Widths) -> bool:
+    """Would the model's own config class accept these uniform widths? (stock validators, e.g. hidden % heads)"""
+    config = model.config
+    updates = {}
+    if widths.mlp is not None:
+        updates[spec.mlp_width_field] = widths.mlp
+    if widths.kv is not None:
+        q_heads = widths.kv * (widths.q_per_kv or 1)
+        updates[spec.q_heads_field] = q_heads
+        if spec.kv_heads_field and getattr(config, spec.kv_heads_field, None) is not None:
+            updates[spec.kv_heads_field] = widths.kv
+    try:
+        candidate = type(config)(**{**config.to_dict(), **updates})
+        validate = getattr(candidate, "validate", None)
+        if callable(validate):
+            validate()
+    except (ValueError, TypeError) as exc:
+        log.debug("config rejects %s: %s", widths, exc)
+        return False
+    return True
+
+
+def run_prune(options: PruneOptions) -> PruneResult:
+    """Prune a model end to end and save the slim checkpoint with its plan and report."""
+    options.validate()
+    timer = _Timer()
+    model_path = resolve_model_path(options.model)
+    out = Path(options.out) if options.out else default_out_dir(model_path, options.ratio)
+    check_output_dir(out, options.overwrite)
+    with timer("load"):
+        model, tokenizer = load_model(model_path, options.trust_remote_code)
+        source_hash = weights_hash(model_path)
+    estimator = get_estimator(options.importance)
+    cal_text, eval_text, cal_files, eval_files = _texts(options)
+    calibration = token_windows(tokenizer, cal_text, options.seq_len, options.calibration_samples, options.seed)
+    params_before = sum(p.numel() for p in model.parameters())
+    check_free_space(out, params_before * 4)
+    ppl_before = None
+    if options.evaluate:
+        with timer("perplexity_before"):
+            ppl_before = perplexity(model, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
+                                    options.show_progress)
+    with timer("trace_and_couple"):
+        coupling = build_coupling(model)
+    torch.manual_seed(options.seed)
+    with timer("importance"):
+        scores = score_groups(model, coupling.groups, estimator, lambda: calibration, options.show_progress)
+    spec = spec_for(model.config.model_type)
+    with timer("plan"):
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        counter = ParamCounter(shapes, coupling)
+        keep, keep_nested, params_after = plan_uniform(
+            coupling, counter, scores, options.ratio, options.round_to, lambda w: config_accepts(model, spec, w))
+    plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
+                     schedule="uniform", seed=options.seed, ratio_requested=options.ratio, round_to=options.round_to,
+                     params_before=params_before, params_after=params_after, keep=keep, keep_nested=keep_nested)
+    widths_before = layer_widths(coupling, PrunePlan(**{**asdict(plan), "keep": {}, "keep_nested": {}}))
+    with timer("apply"):
+        apply_plan(model, coupling, plan, spec)
+    actual = sum(p.numel() for p in model.parameters())
+    if actual != params_after:
+        raise RuntimeError(f"internal error: planned {params_after} parameters, model has {actual}")
+    ppl_after = None
+    if options.evaluate:
+        with timer("perplexity_after"):
+            ppl_after = perplexity(model, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
+                                   options.show_progress)
+    report = {
+        "tool": {"name": "depgraph-llm", "version": __version__, "torch": torch.__version__,
+                 "python": platform.python_version()},
+        "source": {"path": str(model_path), "weights_sha256": source_hash, "model_type": plan.model_type},
+        "importance": estimator.name, "schedule": plan.schedule, "seed": options.seed, "round_to": options.round_to,
+        "params_before": params_before, "params_after": params_after,
+        "ratio_requested": options.ratio, "ratio_achieved": round(plan.ratio_achieved, 6),
+        "layer_widths_before": widths_before, "layer_widths_after": layer_widths(coupling, plan),
+        "calibration": {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len},
+        "perplexity": {"protocol": "evaluation/perplexity.py", "files": eval_files,
+                       "before": ppl_before.to_dict() if ppl_before else None,
+                       "after": ppl_after.to_dict() if ppl_after else None},
+        "timings_s": timer.times,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    with timer("save"):
+        save_checkpoint(model, tokenizer, out, plan, report, options.overwrite)
+    report["timings_s"] = timer.times
+    return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+
+
+def save_checkpoint(model, tokenizer, out: Path, plan: PrunePlan, report: dict, overwrite: bool) -> None:
+    """Write model (safetensors), config, tokenizer, prune_plan.json and prune_report.json atomically."""
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "prune_plan.json").write_text(plan.to_json() + "\n")
+        write_json(tmp / "prune_report.json", report)

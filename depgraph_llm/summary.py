@@ -1,0 +1,63 @@
+"""Plain-text tables for the terminal: the prune summary and the coupling groups."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .coupling import CouplingGraph
+from .groups import GroupKind
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def prune_summary(report: dict, out: Path) -> str:
+    """The table printed at the end of a prune run."""
+    rows = [
+        ["model", report["source"]["path"]],
+        ["importance / schedule", f"{report['importance']} / {report['schedule']}"],
+        ["parameters", f"{_fmt_params(report['params_before'])} -> {_fmt_params(report['params_after'])}"],
+        ["ratio requested / achieved", f"{report['ratio_requested']:.3f} / {report['ratio_achieved']:.3f}"],
+    ]
+    before, after = report["layer_widths_before"], report["layer_widths_after"]
+    if before and after:
+        keys = [k for k in ("mlp", "q_heads", "kv_heads") if k in before[0]]
+        rows.append(["layer widths " + "/".join(keys), " / ".join(f"{before[0][k]}->{after[0][k]}" for k in keys)])
+    ppl = report["perplexity"]
+    if ppl["before"] and ppl["after"]:
+        b, a = ppl["before"]["perplexity"], ppl["after"]["perplexity"]
+        rows.append(["perplexity (eval text)", f"{b:.2f} -> {a:.2f}  (x{a / b:.2f})"])
+    rows.append(["time", f"{sum(report['timings_s'].values()):.1f}s  "
+                 + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())])
+    rows.append(["peak memory (RSS)", f"{report['peak_rss_bytes'] / 2**30:.2f} GiB"])
+    rows.append(["saved to", str(out)])
+    return "\n" + table(rows, ["", "depgraph-llm prune"])
+
+
+def groups_table(coupling: CouplingGraph, model, show_all: bool = False) -> str:
+    """Groups as a table; by default the global groups plus the first layer's (the others repeat it)."""
+    params = dict(model.named_parameters())
+    rows = []
+    shown_layers = None if show_all else {0}
+    for group in coupling.groups:
+        if group.layer is not None and shown_layers is not None and group.layer not in shown_layers:
+            continue
+        if group.kind == GroupKind.LAYER:
+            count = sum(params[p].numel() for p in group.params if p in params)
+            rows.append([group.name, group.kind.value, 1, "-", f"{count:,}", f"{len(group.params)} params"])
+            continue
+        per_unit = sum(params[s.param].numel() // group.size for s in group.slices if s.param in params)
+        members = ", ".join(sorted({f"{s.param.rsplit('.', 2)[-2]}[{s.axis}]" for s in group.slices}))
+        units = f"{group.size}" + (f" x {group.nested.size} q/kv" if group.nested else "")
+        rows.append([group.name, group.kind.value, units, group.unit_width, f"{per_unit:,}", members[:70]])
+    layers = len(coupling.of_kind(GroupKind.LAYER))
+    note = "" if show_all or layers <= 1 else f"\n(layer 0 shown; layers 1..{layers - 1} have the same groups; --all lists them)"
+    header = ["group", "kind", "units", "unit width", "params/unit", "coupled slices"]
+    extra = f"\nops frozen (no coupling rule): {', '.join(coupling.frozen_ops)}" if coupling.frozen_ops else ""
+    return table(rows, header) + note + f"\ntrace: {coupling.trace_seconds:.1f}s" + extra

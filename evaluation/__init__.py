@@ -1,0 +1,4 @@
+"""Evaluation: perplexity under a fixed protocol (more measures join here)."""
+from .perplexity import PerplexityResult, perplexity
+
+__all__ = ["PerplexityResult", "perplexity"]
