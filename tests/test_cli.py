@@ -1,0 +1,108 @@
+"""prune.py end to end on a tiny checkpoint, and one-line errors for bad input."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--seq-len", "32", "--calibration-samples", "2", "--eval-tokens", "128", "--round-to", "1"]
+
+
+def run_prune(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "prune.py"), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600)
+
+
+def tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_prune_end_to_end(tiny_checkpoint, tmp_path):
+    out = tmp_path / "slim"
+    before = tree_digest(tiny_checkpoint)
+    result = run_prune("--model", str(tiny_checkpoint), "--ratio", "0.3", "--out", str(out), *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "ratio requested / achieved" in result.stdout and "perplexity" in result.stdout
+    assert tree_digest(tiny_checkpoint) == before  # the source is untouched
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "prune_report.json", "prune_plan.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "prune_report.json").read_text())
+    plan = json.loads((out / "prune_plan.json").read_text())
+    assert abs(report["ratio_achieved"] - 0.3) <= 0.01 and plan["estimator"] == "taylor" and plan["keep"]
+    assert report["perplexity"]["before"]["perplexity"] > 1 and report["perplexity"]["after"]["perplexity"] > 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("This License", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 4
+    assert not list(tmp_path.glob(".slim.tmp-*"))  # no temp folder left behind
+
+
+def test_graph_command_prints_groups(tiny_checkpoint):
+    result = subprocess.run([sys.executable, "-m", "depgraph_llm.cli", "graph", str(tiny_checkpoint)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "layers.0.mlp.channels" in result.stdout and "2 x 2 q/kv" in result.stdout and "hidden" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "1.5"], "--ratio 1.5 is outside (0, 1)"),
+    (["--ratio", "0"], "--ratio 0.0 is outside (0, 1)"),
+    (["--ratio", "0.2", "--importance", "nope"], "unknown importance estimator 'nope'"),
+    (["--ratio", "0.2", "--round-to", "0"], "--round-to 0 must be a positive integer"),
+])
+def test_bad_arguments_one_line(tiny_checkpoint, tmp_path, args, message):
+    result = run_prune("--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"), *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_path(tmp_path):
+    result = run_prune("--model", str(tmp_path / "nothing"), "--ratio", "0.2")
+    assert result.returncode == 2 and "does not exist" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_prune("--model", str(tmp_path / "empty"), "--ratio", "0.2")
+    assert result.returncode == 2 and "has no config.json" in result.stderr
+
+
+def test_existing_output_is_refused_and_untouched(tiny_checkpoint, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_prune("--model", str(tiny_checkpoint), "--ratio", "0.3", "--out", str(out), *FAST)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def test_too_short_calibration_text(tiny_checkpoint, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    result = run_prune("--model", str(tiny_checkpoint), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                       "--calibration", str(short), *FAST)
+    assert result.returncode == 2 and "fewer than one window" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_replays_identically(tiny_checkpoint, tmp_path):
+    """Same inputs and seed give byte-identical weights."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert run_prune("--model", str(tiny_checkpoint), "--ratio", "0.3", "--out", str(out), "--no-eval",
+                         *FAST).returncode == 0
+    assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+    assert torch.equal(*(AutoModelForCausalLM.from_pretrained(o).lm_head.weight for o in outs))
