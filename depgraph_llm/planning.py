@@ -90,18 +90,17 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     mlp_size = min((g.size for g in mlp), default=None)
     kv_size = min((g.size for g in heads), default=None)
     q_size = min((g.nested.size for g in heads if g.nested), default=None)
-    attn_params = {s.param for g in heads for s in g.slices}
-    attn_total = counter.count({}, only=attn_params) if heads else 0
     options = []
     for kv in range(1, (kv_size or 0) + 1) or [None]:
         for q in range(1, (q_size or 0) + 1) or [None]:
             kept = _head_counts(heads, kv, q)
-            attn_frac = 1.0 - counter.count(kept, only=attn_params) / attn_total if heads else 0.0
-            best = _search_mlp(counter, mlp, mlp_size, round_to, kept, target)
-            widths = Widths(best[0], kv, q)
-            achieved = 1.0 - best[1] / total
-            options.append((abs(achieved - ratio) > RATIO_TOLERANCE, abs(attn_frac - _mlp_frac(best, mlp_size)),
-                            abs(achieved - ratio), widths, best[1]))
+            width, params_after = _search_mlp(counter, mlp, mlp_size, round_to, kept, target)
+            widths = Widths(width, kv, q)
+            achieved = 1.0 - params_after / total
+            lost = removed_importance(mlp, heads, scores, widths)
+            options.append((abs(achieved - ratio) > RATIO_TOLERANCE, lost, abs(achieved - ratio), widths, params_after))
+    # Among the attention/MLP splits that hit the ratio, take the one whose removed units carry the least
+    # total importance (for Taylor scores: the smallest first-order estimate of the loss increase).
     options.sort(key=lambda o: (o[0], o[1], o[2]))
     valid = [o for o in options if is_valid(o[3])]
     if not valid or valid[0][0]:
@@ -125,10 +124,6 @@ def _head_counts(heads: list[Group], kv: int | None, q: int | None) -> dict[str,
     return kept
 
 
-def _mlp_frac(best: tuple[int | None, int], mlp_size: int | None) -> float:
-    return 0.0 if best[0] is None or not mlp_size else 1.0 - best[0] / mlp_size
-
-
 def _search_mlp(counter, mlp, mlp_size, round_to, kept, target) -> tuple[int | None, int]:
     """Binary search the uniform MLP width whose parameter count is closest to target."""
     if not mlp:
@@ -148,6 +143,21 @@ def _search_mlp(counter, mlp, mlp_size, round_to, kept, target) -> tuple[int | N
     near = {candidates[i] for i in (lo - 1, lo) if 0 <= i < len(candidates)}
     width = min(near, key=lambda w: (abs(params(w) - target), w))
     return width, params(width)
+
+
+def removed_importance(mlp: list[Group], heads: list[Group], scores: dict[str, torch.Tensor], widths: Widths) -> float:
+    """Total score of the units that `widths` would remove in every layer."""
+    keep, keep_nested = select_units(mlp, heads, scores, widths)
+    lost = 0.0
+    for g in (*mlp, *heads):
+        kept_outer = keep.get(g.name, list(range(g.size)))
+        lost += float(scores[g.name].sum() - scores[g.name][kept_outer].sum())
+        if g.nested is not None and g.nested.name in keep_nested:
+            nested_scores = scores[g.nested.name]
+            for outer in kept_outer:
+                row = nested_scores[outer]
+                lost += float(row.sum() - row[keep_nested[g.nested.name][outer]].sum())
+    return lost
 
 
 def select_units(mlp: list[Group], heads: list[Group], scores: dict[str, torch.Tensor],
