@@ -16,12 +16,12 @@ from . import __version__
 from .apply import apply_plan, layer_widths
 from .calibration import DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text, token_windows
 from .checkpoint import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
-from .coupling import build_coupling
+from .coupling import CouplingGraph, build_coupling
 from .errors import UserError
 from .importance import get_estimator, score_groups
 from .loading import load_model, resolve_model_path
 from .plan import PrunePlan
-from .planning import ParamCounter, Widths, plan_uniform
+from .planning import ParamCounter, Widths, plan_uniform  # noqa: F401  (Widths: config_accepts type)
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
         source_hash = weights_hash(model_path)
     estimator = get_estimator(options.importance)
     cal_text, eval_text, cal_files, eval_files = _texts(options)
-    calibration = token_windows(tokenizer, cal_text, options.seq_len, options.calibration_samples, options.seed)
+    calibration = (token_windows(tokenizer, cal_text, options.seq_len, options.calibration_samples, options.seed)
+                   if estimator.needs_gradients else [])
     params_before = sum(p.numel() for p in model.parameters())
     check_free_space(out, params_before * 4)
     ppl_before = None
@@ -137,26 +138,10 @@ def run_prune(options: PruneOptions) -> PruneResult:
         with timer("perplexity_before"):
             ppl_before = perplexity(model, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
                                     options.show_progress)
-    with timer("trace_and_couple"):
-        coupling = build_coupling(model)
-    torch.manual_seed(options.seed)
-    with timer("importance"):
-        scores = score_groups(model, coupling.groups, estimator, lambda: calibration, options.show_progress)
-    spec = spec_for(model.config.model_type)
-    with timer("plan"):
-        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        counter = ParamCounter(shapes, coupling)
-        keep, keep_nested, params_after = plan_uniform(
-            coupling, counter, scores, options.ratio, options.round_to, lambda w: config_accepts(model, spec, w))
-    plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
-                     schedule="uniform", seed=options.seed, ratio_requested=options.ratio, round_to=options.round_to,
-                     params_before=params_before, params_after=params_after, keep=keep, keep_nested=keep_nested)
+    plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
+                                     options.seed, source_hash, options.show_progress, timer)
     widths_before = layer_widths(coupling, PrunePlan(**{**asdict(plan), "keep": {}, "keep_nested": {}}))
-    with timer("apply"):
-        apply_plan(model, coupling, plan, spec)
-    actual = sum(p.numel() for p in model.parameters())
-    if actual != params_after:
-        raise RuntimeError(f"internal error: planned {params_after} parameters, model has {actual}")
+    params_after = plan.params_after
     ppl_after = None
     if options.evaluate:
         with timer("perplexity_after"):
@@ -181,6 +166,35 @@ def run_prune(options: PruneOptions) -> PruneResult:
         save_checkpoint(model, tokenizer, out, plan, report, options.overwrite)
     report["timings_s"] = timer.times
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+
+
+def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], ratio: float, round_to: int = 8,
+                    seed: int = 0, source_hash: str = "", show_progress: bool = False,
+                    timer: "_Timer | None" = None) -> tuple[PrunePlan, "CouplingGraph"]:
+    """Trace, score, plan (uniform) and physically prune `model` in place; returns the plan and coupling."""
+    timer = timer or _Timer()
+    estimator = get_estimator(importance)
+    with timer("trace_and_couple"):
+        coupling = build_coupling(model)
+    torch.manual_seed(seed)
+    with timer("importance"):
+        scores = score_groups(model, coupling.groups, estimator, lambda: calibration, show_progress)
+    spec = spec_for(model.config.model_type)
+    params_before = sum(p.numel() for p in model.parameters())
+    with timer("plan"):
+        counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
+        keep, keep_nested, params_after = plan_uniform(
+            coupling, counter, scores, ratio, round_to, lambda w: config_accepts(model, spec, w),
+            loss_scaled=estimator.loss_scaled)
+    plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
+                     schedule="uniform", seed=seed, ratio_requested=ratio, round_to=round_to,
+                     params_before=params_before, params_after=params_after, keep=keep, keep_nested=keep_nested)
+    with timer("apply"):
+        apply_plan(model, coupling, plan, spec)
+    actual = sum(p.numel() for p in model.parameters())
+    if actual != params_after:
+        raise RuntimeError(f"internal error: planned {params_after} parameters, model has {actual}")
+    return plan, coupling
 
 
 def save_checkpoint(model, tokenizer, out: Path, plan: PrunePlan, report: dict, overwrite: bool) -> None:

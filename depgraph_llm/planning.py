@@ -79,8 +79,13 @@ def width_candidates(size: int, round_to: int) -> list[int]:
 
 
 def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[str, torch.Tensor], ratio: float,
-                 round_to: int, is_valid: Callable[[Widths], bool]) -> tuple[dict, dict, int]:
-    """Same widths in every layer; returns (keep, keep_nested, params_after) hitting `ratio` within tolerance."""
+                 round_to: int, is_valid: Callable[[Widths], bool],
+                 loss_scaled: bool = True) -> tuple[dict, dict, int]:
+    """Same widths in every layer; returns (keep, keep_nested, params_after) hitting `ratio` within tolerance.
+
+    How the removal is split between attention and MLP: with loss-scaled scores (Taylor) the split that removes
+    the least total importance; otherwise the split whose removed fractions of attention and MLP parameters
+    are closest (proportional pruning, as LLM-Pruner does with a single ratio)."""
     mlp = [g for g in coupling.of_kind(GroupKind.CHANNELS) if g.layer is not None]
     heads = [g for g in coupling.of_kind(GroupKind.HEADS) if g.layer is not None]
     if not mlp and not heads:
@@ -90,6 +95,8 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     mlp_size = min((g.size for g in mlp), default=None)
     kv_size = min((g.size for g in heads), default=None)
     q_size = min((g.nested.size for g in heads if g.nested), default=None)
+    attn_params = {s.param for g in heads for s in g.slices}
+    attn_total = counter.count({}, only=attn_params) if heads else 1
     options = []
     for kv in range(1, (kv_size or 0) + 1) or [None]:
         for q in range(1, (q_size or 0) + 1) or [None]:
@@ -97,10 +104,13 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
             width, params_after = _search_mlp(counter, mlp, mlp_size, round_to, kept, target)
             widths = Widths(width, kv, q)
             achieved = 1.0 - params_after / total
-            lost = removed_importance(mlp, heads, scores, widths)
-            options.append((abs(achieved - ratio) > RATIO_TOLERANCE, lost, abs(achieved - ratio), widths, params_after))
-    # Among the attention/MLP splits that hit the ratio, take the one whose removed units carry the least
-    # total importance (for Taylor scores: the smallest first-order estimate of the loss increase).
+            if loss_scaled:
+                cost = removed_importance(mlp, heads, scores, widths)
+            else:
+                attn_frac = 1.0 - counter.count(kept, only=attn_params) / attn_total
+                mlp_frac = 0.0 if width is None else 1.0 - width / mlp_size
+                cost = abs(attn_frac - mlp_frac)
+            options.append((abs(achieved - ratio) > RATIO_TOLERANCE, cost, abs(achieved - ratio), widths, params_after))
     options.sort(key=lambda o: (o[0], o[1], o[2]))
     valid = [o for o in options if is_valid(o[3])]
     if not valid or valid[0][0]:

@@ -8,7 +8,7 @@ from tests.tiny import tiny_model
 
 
 def test_registry_has_foundation_estimators():
-    assert {"l1", "l2", "taylor", "taylor-vector"} <= set(ESTIMATORS)
+    assert {"l1", "l2", "random", "taylor", "taylor-vector"} <= set(ESTIMATORS)
 
 
 def test_slice_unit_scores_on_small_matrix():

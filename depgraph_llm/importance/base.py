@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..groups import Group
+from ..groups import Group, Slice
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,9 @@ class Estimator:
     name: str = ""
     needs_gradients: bool = False
     signed: bool = False  # True: sum signed scores over a unit, then take |.| (vector-wise Taylor)
+    # True when a unit's score estimates the loss increase of removing it, so scores of different group kinds
+    # (MLP channels vs heads) can be compared directly; magnitudes and random scores cannot.
+    loss_scaled: bool = False
     summary: str = ""
 
     def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -59,23 +63,22 @@ def score_groups(model: nn.Module, groups: list[Group], estimator: Estimator,
         if batches is None:
             raise UserError(f"importance {estimator.name!r} needs calibration text; pass --calibration FILE")
         accumulate_gradients(model, batches(), show_progress)
-    cache: dict[str, torch.Tensor] = {}
-
-    def element(name: str) -> torch.Tensor:
-        if name not in cache:
-            param = params[name]
-            with torch.no_grad():
-                cache[name] = estimator.element_scores(param.detach().float(), _grad(param)).double()
-        return cache[name]
-
-    scores: dict[str, torch.Tensor] = {}
+    by_param: dict[str, list[tuple[str, Slice]]] = defaultdict(list)
+    for group in groups:
+        for g in (group, group.nested):
+            if g is not None:
+                for s in g.slices:
+                    by_param[s.param].append((g.name, s))
+    totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for group in groups:
-            for g in (group, group.nested):
-                if g is None or not g.slices:
-                    continue
-                total = sum(s.unit_scores(element(s.param)) for s in g.slices)
-                scores[g.name] = total.abs() if estimator.signed else total
+        for name, uses in by_param.items():  # one parameter's element scores in memory at a time
+            param = params[name]
+            element = estimator.element_scores(param.detach().float(), _grad(param))
+            for group_name, s in uses:
+                unit = s.unit_scores(element).double()
+                totals[group_name] = unit if group_name not in totals else totals[group_name] + unit
+            del element
+    scores = {name: total.abs() if estimator.signed else total for name, total in totals.items()}
     if estimator.needs_gradients:
         model.zero_grad(set_to_none=True)
     return scores

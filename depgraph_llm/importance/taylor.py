@@ -10,6 +10,7 @@ from .base import Estimator, register_estimator
 class TaylorElement(Estimator):
     name = "taylor"
     needs_gradients = True
+    loss_scaled = True
     summary = "element-wise first-order Taylor: sum over the unit of |w * grad| (LLM-Pruner 'param_first')"
 
     def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -20,6 +21,7 @@ class TaylorElement(Estimator):
 class TaylorVector(Estimator):
     name = "taylor-vector"
     needs_gradients = True
+    loss_scaled = True
     signed = True
     summary = "vector-wise first-order Taylor: |sum over the unit of w * grad| (LLM-Pruner 'vector')"
 
