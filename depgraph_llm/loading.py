@@ -108,21 +108,40 @@ def _cached_import(gguf_path: Path, target: Path) -> Path:
     return import_gguf(gguf_path, target)
 
 
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """Load an HF causal LM folder in fp32 on CPU with its tokenizer (safetensors; no remote code unless asked)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        raise UserError(f"{path}: {str(exc).splitlines()[0][:200]} (pass --trust-remote-code only if you trust it)")
-    if not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or [])):
+    except (ValueError, OSError, KeyError) as exc:
+        model_type = _model_type(path)
+        if model_type and ("Unrecognized" in str(exc) or "does not recognize" in str(exc)):
+            from models import nearest_supported
+
+            raise UserError(f"{path}: architecture {model_type!r} is unknown to this transformers version; the "
+                            f"nearest supported one is {nearest_supported(model_type or '')!r}; see "
+                            "docs/new-architecture.md") from exc
+        hint = ("; it ships custom code: pass --trust-remote-code only if you trust it" if "trust_remote_code"
+                in str(exc) else "; fix or replace config.json")
+        raise UserError(f"cannot read {path}/config.json: {str(exc).splitlines()[0][:200]}{hint}") from exc
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+    if not causal and not (config.architectures is None and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         raise UserError(f"{path} holds a {config.architectures or config.model_type} model, not a causal LM; "
                         "depgraph-llm prunes *ForCausalLM checkpoints")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors/transformers raise many types for bad files
         raise UserError(f"cannot load weights from {path}: {str(exc).splitlines()[0][:200]}; "
                         "the checkpoint must contain complete .safetensors files")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from evaluation.perplexity import perplexity
-from models import spec_for
+from models import nearest_supported, spec_for
 from . import __version__
 from .apply import apply_plan, layer_widths
 from .calibration import DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text, token_windows
@@ -168,6 +168,17 @@ def run_prune(options: PruneOptions) -> PruneResult:
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
 
 
+def couple_or_explain(model) -> CouplingGraph:
+    """build_coupling, turning a tracing failure into a one-line error that points to the fix."""
+    try:
+        return build_coupling(model)
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types for unsupported code
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        raise UserError(f"cannot trace {model_type!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                        f"the nearest supported architecture is {nearest_supported(model_type)!r}; "
+                        "see docs/new-architecture.md") from exc
+
+
 def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], ratio: float, round_to: int = 8,
                     seed: int = 0, source_hash: str = "", show_progress: bool = False,
                     timer: "_Timer | None" = None) -> tuple[PrunePlan, "CouplingGraph"]:
@@ -175,7 +186,7 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
     timer = timer or _Timer()
     estimator = get_estimator(importance)
     with timer("trace_and_couple"):
-        coupling = build_coupling(model)
+        coupling = couple_or_explain(model)
     torch.manual_seed(seed)
     with timer("importance"):
         scores = score_groups(model, coupling.groups, estimator, lambda: calibration, show_progress)

@@ -61,3 +61,18 @@ def _load_all() -> None:
         for info in pkgutil.iter_modules(__path__):
             importlib.import_module(f"{__name__}.{info.name}")
         _loaded = True
+
+
+def supported_model_types() -> list[str]:
+    """Model types with an entry here (tested in the conformance matrix)."""
+    _load_all()
+    return sorted(ARCHITECTURES)
+
+
+def nearest_supported(model_type: str) -> str:
+    """The registered model type closest to `model_type` by spelling (for error messages)."""
+    import difflib
+
+    types = supported_model_types()
+    match = difflib.get_close_matches(model_type, types, n=1, cutoff=0.0)
+    return match[0] if match else "llama"
