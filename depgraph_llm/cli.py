@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored for perplexity")
     parser.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (widths, params, ratio) and write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped inside the checkpoint")
 
@@ -37,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     prune = sub.add_parser("prune", help="prune a model to a smaller HF checkpoint")
     _add_prune_args(prune)
+    apply = sub.add_parser("apply", help="replay a prune_plan.json on the model it was made from")
+    apply.add_argument("plan", type=Path, help="prune_plan.json")
+    apply.add_argument("--model", help="the model the plan was made from (default: the embedded model)")
+    apply.add_argument("--out", type=Path, required=True, help="output folder")
+    apply.add_argument("--overwrite", action="store_true")
+    apply.add_argument("--trust-remote-code", action="store_true")
     graph = sub.add_parser("graph", help="print the coupling groups of a model")
     graph.add_argument("model_pos", nargs="?", metavar="MODEL")
     graph.add_argument("--model", help="HF model folder or .gguf file (default: the embedded model)")
@@ -54,8 +62,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
         calibration=args.calibration, eval_text=args.eval_text, seed=args.seed, round_to=args.round_to,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
-        evaluate=not args.no_eval, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+        evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code)
     result = run_prune(options)
+    print(prune_summary(result.report, result.out))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .pipeline import run_apply
+    from .summary import prune_summary
+
+    result = run_apply(args.plan, args.model, args.out, args.overwrite, args.trust_remote_code)
     print(prune_summary(result.report, result.out))
     return 0
 
@@ -79,7 +97,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "graph": cmd_graph}
+COMMANDS = {"prune": cmd_prune, "apply": cmd_apply, "graph": cmd_graph}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # finished: a late Ctrl-C must not turn success into a crash
+        return code
     except UserError as exc:
         if args.debug:
             raise

@@ -107,9 +107,10 @@ def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, out
     for root, places in slices_by_class.items():
         roots_by_component[component_of[places[0][:2]]].append(root)
     for component, roots in roots_by_component.items():
-        prunable = [r for r in roots if not atoms.atomic[r] and atoms.size[r] > 1]
-        outers = [r for r in prunable if not atoms.is_repeat[r]]
-        repeats = [r for r in prunable if atoms.is_repeat[r]]
+        free = [r for r in roots if not atoms.atomic[r]]
+        repeats = [r for r in free if atoms.is_repeat[r] and atoms.size[r] > 1]
+        outers = [r for r in free if not atoms.is_repeat[r] and (atoms.size[r] > 1 or any(
+            _nested_in(slices_by_class[n], r, slices_by_class[r]) for n in repeats))]
         for root in outers:
             group = _make_group(root, slices_by_class[root], atoms, layers_path, embedding_params,
                                 root in output_classes)

@@ -43,6 +43,7 @@ class PruneOptions:
     eval_seq_len: int = 512
     eval_tokens: int = 4096
     evaluate: bool = True
+    dry_run: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
     show_progress: bool = True
@@ -111,7 +112,7 @@ def config_accepts(model, spec, widths: Widths) -> bool:
         validate = getattr(candidate, "validate", None)
         if callable(validate):
             validate()
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - validators raise ValueError or huggingface_hub's own error types
         log.debug("config rejects %s: %s", widths, exc)
         return False
     return True
@@ -132,12 +133,17 @@ def run_prune(options: PruneOptions) -> PruneResult:
     calibration = (token_windows(tokenizer, cal_text, options.seq_len, options.calibration_samples, options.seed)
                    if estimator.needs_gradients else [])
     params_before = sum(p.numel() for p in model.parameters())
-    check_free_space(out, params_before * 4)
     ppl_before = None
-    if options.evaluate:
+    if options.evaluate and not options.dry_run:
         with timer("perplexity_before"):
             ppl_before = perplexity(model, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
                                     options.show_progress)
+    if options.dry_run:
+        plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
+                                         options.seed, source_hash, options.show_progress, timer, apply=False)
+        return PruneResult(out=out, report=dry_run_report(model_path, coupling, plan, timer), plan=plan,
+                           timings=timer.times)
+    check_free_space(out, params_before * 4)
     plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                      options.seed, source_hash, options.show_progress, timer)
     widths_before = layer_widths(coupling, PrunePlan(**{**asdict(plan), "keep": {}, "keep_nested": {}}))
@@ -181,7 +187,7 @@ def couple_or_explain(model) -> CouplingGraph:
 
 def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], ratio: float, round_to: int = 8,
                     seed: int = 0, source_hash: str = "", show_progress: bool = False,
-                    timer: "_Timer | None" = None) -> tuple[PrunePlan, "CouplingGraph"]:
+                    timer: "_Timer | None" = None, apply: bool = True) -> tuple[PrunePlan, "CouplingGraph"]:
     """Trace, score, plan (uniform) and physically prune `model` in place; returns the plan and coupling."""
     timer = timer or _Timer()
     estimator = get_estimator(importance)
@@ -200,12 +206,64 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
                      schedule="uniform", seed=seed, ratio_requested=ratio, round_to=round_to,
                      params_before=params_before, params_after=params_after, keep=keep, keep_nested=keep_nested)
+    if not apply:
+        return plan, coupling
     with timer("apply"):
         apply_plan(model, coupling, plan, spec)
     actual = sum(p.numel() for p in model.parameters())
     if actual != params_after:
         raise RuntimeError(f"internal error: planned {params_after} parameters, model has {actual}")
     return plan, coupling
+
+
+def dry_run_report(model_path: Path, coupling: CouplingGraph, plan: PrunePlan, timer: _Timer) -> dict:
+    """What a real run would produce, without touching the model or the disk."""
+    return {
+        "dry_run": True, "source": {"path": str(model_path), "model_type": plan.model_type},
+        "importance": plan.estimator, "schedule": plan.schedule,
+        "params_before": plan.params_before, "params_after": plan.params_after,
+        "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
+        "layer_widths_before": layer_widths(coupling, PrunePlan(**{**asdict(plan), "keep": {}, "keep_nested": {}})),
+        "layer_widths_after": layer_widths(coupling, plan),
+        "estimated_checkpoint_bytes": plan.params_after * 4,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "timings_s": timer.times,
+    }
+
+
+def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = False,
+              trust_remote_code: bool = False) -> PruneResult:
+    """Replay a saved prune plan on the model it was made from (checked by weights hash)."""
+    plan = PrunePlan.load(plan_path)
+    check_output_dir(out, overwrite)
+    timer = _Timer()
+    model_path = resolve_model_path(model)
+    source_hash = weights_hash(model_path)
+    if plan.model_hash != source_hash:
+        raise UserError(f"{plan_path} was made for weights sha256 {plan.model_hash[:12]}..., but {model_path} has "
+                        f"{source_hash[:12]}...; pass the model the plan was made from")
+    with timer("load"):
+        loaded, tokenizer = load_model(model_path, trust_remote_code)
+    if sum(p.numel() for p in loaded.parameters()) != plan.params_before:
+        raise UserError(f"{plan_path} expects {plan.params_before} parameters before pruning; the model differs")
+    check_free_space(out, plan.params_after * 4)
+    coupling = couple_or_explain(loaded)
+    widths_before = layer_widths(coupling, PrunePlan(**{**asdict(plan), "keep": {}, "keep_nested": {}}))
+    with timer("apply"):
+        apply_plan(loaded, coupling, plan, spec_for(loaded.config.model_type))
+    if sum(p.numel() for p in loaded.parameters()) != plan.params_after:
+        raise RuntimeError("internal error: replayed plan gave a different parameter count")
+    report = {"replayed_from": str(plan_path), "source": {"path": str(model_path), "weights_sha256": source_hash,
+                                                          "model_type": plan.model_type},
+              "importance": plan.estimator, "schedule": plan.schedule, "seed": plan.seed,
+              "params_before": plan.params_before, "params_after": plan.params_after,
+              "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
+              "layer_widths_before": widths_before, "layer_widths_after": layer_widths(coupling, plan),
+              "perplexity": {"before": None, "after": None}, "timings_s": timer.times,
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    with timer("save"):
+        save_checkpoint(loaded, tokenizer, out, plan, report, overwrite)
+    return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
 
 
 def save_checkpoint(model, tokenizer, out: Path, plan: PrunePlan, report: dict, overwrite: bool) -> None:

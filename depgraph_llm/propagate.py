@@ -240,20 +240,35 @@ def _reshape(p: Propagation, node: Node) -> Syms | None:
     return reshape_syms(p.atoms, in_shape, syms, out_shape)
 
 
+def _size_one_dim(atoms: AtomTable, pieces: list[list]) -> DimSym:
+    """A size-1 output dim: it carries a size-1 atom, or splits one head off the next atom (x.view(..., 1, head_dim))."""
+    if not pieces or pieces[0][1] is None:
+        return None
+    piece_size, atom = pieces[0]
+    if piece_size == 1:
+        pieces.pop(0)
+        return (atom,)
+    if atoms.find(atom) in atoms.refinement:
+        return None
+    outer, inner = atoms.refine(atom, 1)
+    atoms.mark_atomic(inner)  # the constant inner size (head_dim) of a single-head reshape
+    pieces[0:1] = [[piece_size, inner]]
+    return (outer,)
+
+
 def reshape_syms(atoms: AtomTable, in_shape, in_syms: Syms, out_shape) -> Syms:
     """Map dimension symbols through a reshape, refining atoms where a dimension is split."""
     pieces: list[list] = []  # [size, atom or None]
     for size, sym in zip(in_shape, in_syms):
-        if size == 1:
-            continue
         if sym is None:
-            pieces.append([size, None])
+            if size != 1:
+                pieces.append([size, None])
         else:
             pieces.extend([atoms.size[leaf], leaf] for atom in sym for leaf in atoms.leaves(atom))
     out: Syms = []
     for size in out_shape:
         if size == 1:
-            out.append(None)
+            out.append(_size_one_dim(atoms, pieces))
             continue
         taken, need = [], size
         while need > 1 and pieces:

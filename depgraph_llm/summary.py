@@ -22,6 +22,7 @@ def prune_summary(report: dict, out: Path) -> str:
     rows = [
         ["model", report["source"]["path"]],
         ["importance / schedule", f"{report['importance']} / {report['schedule']}"],
+        *([["mode", "dry run: nothing was written"]] if report.get("dry_run") else []),
         ["parameters", f"{_fmt_params(report['params_before'])} -> {_fmt_params(report['params_after'])}"],
         ["ratio requested / achieved", f"{report['ratio_requested']:.3f} / {report['ratio_achieved']:.3f}"],
     ]
@@ -29,14 +30,18 @@ def prune_summary(report: dict, out: Path) -> str:
     if before and after:
         keys = [k for k in ("mlp", "q_heads", "kv_heads") if k in before[0]]
         rows.append(["layer widths " + "/".join(keys), " / ".join(f"{before[0][k]}->{after[0][k]}" for k in keys)])
-    ppl = report["perplexity"]
-    if ppl["before"] and ppl["after"]:
+    ppl = report.get("perplexity") or {}
+    if ppl.get("before") and ppl.get("after"):
         b, a = ppl["before"]["perplexity"], ppl["after"]["perplexity"]
         rows.append(["perplexity (eval text)", f"{b:.2f} -> {a:.2f}  (x{a / b:.2f})"])
     rows.append(["time", f"{sum(report['timings_s'].values()):.1f}s  "
                  + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())])
     rows.append(["peak memory (RSS)", f"{report['peak_rss_bytes'] / 2**30:.2f} GiB"])
-    rows.append(["saved to", str(out)])
+    if report.get("dry_run"):
+        rows.append(["checkpoint size (estimate)", f"{report['estimated_checkpoint_bytes'] / 2**20:.0f} MiB"])
+        rows.append(["would be saved to", str(out)])
+    else:
+        rows.append(["saved to", str(out)])
     return "\n" + table(rows, ["", "depgraph-llm prune"])
 
 

@@ -1,30 +1,13 @@
 """prune.py end to end on a tiny checkpoint, and one-line errors for bad input."""
-import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--seq-len", "32", "--calibration-samples", "2", "--eval-tokens", "128", "--round-to", "1"]
-
-
-def run_prune(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "prune.py"), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=600)
-
-
-def tree_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        digest.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+from tests.cli_helpers import FAST, ROOT, run_prune, tree_digest
 
 
 def test_prune_end_to_end(tiny_checkpoint, tmp_path):

@@ -43,9 +43,10 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def save_tiny_checkpoint(folder: Path, model_type: str = "llama", tie: bool = False, **overrides) -> Path:
+def save_tiny_checkpoint(folder: Path, model_type: str = "llama", tie: bool = False, seed: int = 0,
+                         **overrides) -> Path:
     """A complete HF folder (safetensors, config, tokenizer) for CLI tests."""
-    model = tiny_model(model_type, tie, **overrides)
+    model = tiny_model(model_type, tie, seed, **overrides)
     model.config.architectures = [type(model).__name__]
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
