@@ -141,8 +141,9 @@ def run_prune(options: PruneOptions) -> PruneResult:
     if options.dry_run:
         plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                          options.seed, source_hash, options.show_progress, timer, apply=False)
-        return PruneResult(out=out, report=dry_run_report(model_path, coupling, plan, timer), plan=plan,
-                           timings=timer.times)
+        report = dry_run_report(model_path, coupling, plan, timer)
+        report["estimated_remaining_s"] = round(_remaining_time(model, tokenizer, eval_text, options, plan), 1)
+        return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
     check_free_space(out, params_before * 4)
     plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                      options.seed, source_hash, options.show_progress, timer)
@@ -214,6 +215,19 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
     if actual != params_after:
         raise RuntimeError(f"internal error: planned {params_after} parameters, model has {actual}")
     return plan, coupling
+
+
+def _remaining_time(model, tokenizer, eval_text: str, options: PruneOptions, plan: PrunePlan) -> float:
+    """Rough time a real run adds after planning: two perplexity passes (timed on one window) and the save."""
+    seconds = plan.params_after * 4 / 200e6  # writing safetensors at ~200 MB/s
+    if options.evaluate:
+        window = token_windows(tokenizer, eval_text, options.eval_seq_len, 1, purpose="evaluation")[0]
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=window, use_cache=False)
+        windows = max(1, options.eval_tokens // options.eval_seq_len)
+        seconds += (time.perf_counter() - start) * windows * (1 + plan.params_after / plan.params_before)
+    return seconds
 
 
 def dry_run_report(model_path: Path, coupling: CouplingGraph, plan: PrunePlan, timer: _Timer) -> dict:

@@ -39,6 +39,7 @@ def prune_summary(report: dict, out: Path) -> str:
     rows.append(["peak memory (RSS)", f"{report['peak_rss_bytes'] / 2**30:.2f} GiB"])
     if report.get("dry_run"):
         rows.append(["checkpoint size (estimate)", f"{report['estimated_checkpoint_bytes'] / 2**20:.0f} MiB"])
+        rows.append(["a real run adds (estimate)", f"{report.get('estimated_remaining_s', 0):.0f}s (apply, perplexity, save)"])
         rows.append(["would be saved to", str(out)])
     else:
         rows.append(["saved to", str(out)])

@@ -155,3 +155,27 @@ def test_ctrl_c_in_a_real_process(source, tmp_path):
     assert process.returncode == 130 and "interrupted" in err.strip().splitlines()[-1]
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
     assert tree_digest(source) == before
+
+
+def test_remote_code_never_runs_without_flag(source, tmp_path):
+    marker = tmp_path / "code-ran"
+    (source / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig\n"
+                                    "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.loads((source / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+    config["model_type"] = "evil"
+    (source / "config.json").write_text(json.dumps(config))
+    before = tree_digest(source)
+    line = one_line_error(run_prune("--model", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"), *FAST))
+    assert "--trust-remote-code" in line
+    assert not marker.exists() and tree_digest(source) == before
+
+
+def test_pickle_weights_are_refused(source, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(source / "model.safetensors"), source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    line = one_line_error(run_prune("--model", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"), *FAST))
+    assert "safetensors" in line and not (tmp_path / "o").exists()
