@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", type=Path, required=True, help="output folder")
     apply.add_argument("--overwrite", action="store_true")
     apply.add_argument("--trust-remote-code", action="store_true")
+    evaluate = sub.add_parser("eval", help="perplexity, zero-shot accuracy, speed and memory; writes a report")
+    evaluate.add_argument("models", nargs="+", help="model folders (or .gguf) to evaluate")
+    evaluate.add_argument("--baseline", help="dense model to compare against (speedups are measured vs it)")
+    evaluate.add_argument("--report-dir", type=Path, help="where to write the report (default: MODEL/eval_report)")
+    evaluate.add_argument("--eval-text", help="held-out text for perplexity and the cloze task")
+    evaluate.add_argument("--tasks-dir", type=Path, help="extra lm-eval task YAML folder (dataset_path: json, local files)")
+    evaluate.add_argument("--bigbench-dir", type=Path, help="BIG-bench task.json folder (default: cache, see scripts/fetch_bigbench.py)")
+    evaluate.add_argument("--limit", type=int, default=200, help="items per task (0 = all)")
+    evaluate.add_argument("--cloze-items", type=int, default=300)
+    evaluate.add_argument("--no-speed", action="store_true")
+    evaluate.add_argument("--trust-remote-code", action="store_true")
     graph = sub.add_parser("graph", help="print the coupling groups of a model")
     graph.add_argument("model_pos", nargs="?", metavar="MODEL")
     graph.add_argument("--model", help="HF model folder or .gguf file (default: the embedded model)")
@@ -97,7 +108,23 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "apply": cmd_apply, "graph": cmd_graph}
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evaluation.job import EvalOptions, run_eval
+    from evaluation.report import _markdown
+
+    if args.limit < 0 or args.cloze_items < 1:
+        raise UserError("--limit must be >= 0 and --cloze-items >= 1")
+    options = EvalOptions(models=args.models, baseline=args.baseline, report_dir=args.report_dir,
+                          eval_text=args.eval_text, tasks_dir=args.tasks_dir, bigbench_dir=args.bigbench_dir,
+                          limit=args.limit or None, cloze_items=args.cloze_items, speed=not args.no_speed,
+                          trust_remote_code=args.trust_remote_code)
+    out, report = run_eval(options)
+    print(_markdown(report))
+    print(f"report written to {out}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "apply": cmd_apply, "eval": cmd_eval, "graph": cmd_graph}
 
 
 def main(argv: list[str] | None = None) -> int:

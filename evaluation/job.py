@@ -1,0 +1,135 @@
+"""The `depgraph-llm eval` job: perplexity, zero-shot accuracy and speed for pruned models vs a baseline."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
+from depgraph_llm.errors import UserError
+from depgraph_llm.loading import cache_dir, load_model, resolve_model_path
+
+from .perplexity import perplexity
+from .report import write_report
+from .speed import compare_speed, measure_speed
+from .tasks import LocalTask, bigbench_items, cloze_items, write_choice_task, write_cloze_task
+from .zeroshot import evaluate_tasks
+
+log = logging.getLogger(__name__)
+BIGBENCH_TASKS = ("winowhy", "epistemic_reasoning", "timedial", "navigate", "sports_understanding",
+                  "logic_grid_puzzle", "abstract_narrative_understanding/4_distractors", "causal_judgment",
+                  "disambiguation_qa", "implicatures", "date_understanding")
+PROTOCOL = ("perplexity: evaluation/perplexity.py (non-overlapping windows, fp32); cloze: last word of sentences "
+            "in the evaluation text, accuracy = greedy match; multiple choice: BIG-bench items, log-likelihood "
+            "of each choice, acc and acc_norm; speed: batch 1, random prompt, median of repeats after warm-up, "
+            "dense and pruned interleaved in one process; peak memory on CPU = weights + RSS growth while running")
+
+
+def default_bigbench_dir() -> Path:
+    return cache_dir() / "bigbench"
+
+
+@dataclass
+class EvalOptions:
+    models: list[str]
+    baseline: str | None = None
+    report_dir: Path | None = None
+    eval_text: str | None = None
+    tasks_dir: Path | None = None
+    bigbench_dir: Path | None = None
+    limit: int | None = 200
+    cloze_items: int = 300
+    seq_len: int = 512
+    eval_tokens: int = 4096
+    speed: bool = True
+    trust_remote_code: bool = False
+    extra_tasks: list[str] = field(default_factory=list)
+
+
+def build_tasks(folder: Path, text: str, options: EvalOptions) -> list[LocalTask]:
+    """Write the cloze task and every available BIG-bench task into `folder` as lm-eval YAML."""
+    tasks = [write_cloze_task(folder, cloze_items(text, options.cloze_items))]
+    bigbench = options.bigbench_dir or default_bigbench_dir()
+    for task in BIGBENCH_TASKS:
+        path = bigbench / task.replace("/", "__") / "task.json"
+        if path.is_file():
+            items = bigbench_items(path)
+            if items:
+                tasks.append(write_choice_task(folder, "bb_" + task.replace("/", "_"), items))
+    if len(tasks) == 1:
+        log.warning("no BIG-bench task files in %s; run scripts/fetch_bigbench.py for multiple-choice tasks", bigbench)
+    return tasks
+
+
+def _user_task_names(tasks_dir: Path) -> list[str]:
+    names = []
+    for yaml_file in sorted(tasks_dir.rglob("*.yaml")):
+        for line in yaml_file.read_text().splitlines():
+            if line.startswith("task:"):
+                names.append(line.split(":", 1)[1].strip().strip("'\""))
+    if not names:
+        raise UserError(f"--tasks-dir {tasks_dir} holds no lm-eval task YAML (no 'task:' lines)")
+    return names
+
+
+def _widths(path: Path) -> list[dict] | None:
+    report = path / "prune_report.json"
+    if report.is_file():
+        return json.loads(report.read_text()).get("layer_widths_after")
+    return None
+
+
+def run_eval(options: EvalOptions) -> tuple[Path, dict]:
+    """Evaluate every model (and the baseline) and write the report next to the first model."""
+    paths = [resolve_model_path(m) for m in options.models]
+    baseline_path = resolve_model_path(options.baseline) if options.baseline else None
+    text = load_text([Path(options.eval_text)] if options.eval_text else default_files(DEFAULT_EVAL_FILES))
+    report: dict = {"models": {}, "speed": {}, "protocol": PROTOCOL}
+    baseline_model = None
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = build_tasks(Path(tmp), text, options)
+        task_dirs = [Path(tmp)]
+        names = [t.name for t in tasks]
+        if options.tasks_dir:
+            names += _user_task_names(options.tasks_dir)
+        chance = {t.name: t.chance for t in tasks}
+        labelled = ([("baseline", baseline_path)] if baseline_path else []) + [(p.name, p) for p in paths]
+        for label, path in labelled:
+            model, tokenizer = load_model(path, options.trust_remote_code)
+            entry = {"path": str(path), "params": sum(p.numel() for p in model.parameters()),
+                     "perplexity": perplexity(model, tokenizer, text, options.seq_len, options.eval_tokens).perplexity,
+                     "layer_widths": _widths(path)}
+            accuracy = {}
+            for task_dir in task_dirs + ([options.tasks_dir] if options.tasks_dir else []):
+                in_dir = [n for n in names if n in chance] if task_dir in task_dirs else _user_task_names(task_dir)
+                accuracy.update(evaluate_tasks(model, tokenizer, task_dir, in_dir, limit=options.limit))
+            for name, value in accuracy.items():
+                value["chance"] = chance.get(name)
+            entry["accuracy"] = accuracy
+            if options.speed:
+                if label == "baseline":
+                    baseline_model = model
+                elif baseline_model is not None:
+                    comparison = compare_speed(baseline_model, model)
+                    report["speed"][label] = comparison
+                    report["models"]["baseline"]["tokens_per_s"] = {
+                        "prefill": comparison["dense"]["prefill_tokens_per_s"],
+                        "decode": comparison["dense"]["decode_tokens_per_s"]}
+                    report["models"]["baseline"]["peak_memory_bytes"] = comparison["dense"]["peak_memory_bytes"]
+                    speed = comparison["pruned"]
+                    entry["tokens_per_s"] = {"prefill": speed["prefill_tokens_per_s"],
+                                             "decode": speed["decode_tokens_per_s"]}
+                    entry["peak_memory_bytes"] = speed["peak_memory_bytes"]
+                else:
+                    speed = measure_speed(model).to_dict()
+                    entry["tokens_per_s"] = {"prefill": speed["prefill_tokens_per_s"],
+                                             "decode": speed["decode_tokens_per_s"]}
+                    entry["peak_memory_bytes"] = speed["peak_memory_bytes"]
+            report["models"][label] = entry
+            if label != "baseline":
+                del model
+    out = options.report_dir or (paths[0] / "eval_report")
+    write_report(report, out)
+    return out, report
