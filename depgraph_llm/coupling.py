@@ -150,8 +150,9 @@ def _nested_in(repeat_places, outer_root, outer_places) -> bool:
 def _make_nested(outer: Group, root, places, outer_places) -> Group:
     outer_at = {(p, a): pos for p, a, _, pos in outer_places}
     slices = tuple(sorted(Slice(p, a, f, pos, outer_at[(p, a)]) for p, a, f, pos in places))
-    return Group(name=outer.name + ".query_per_kv", kind=GroupKind.HEADS, size=places and slices[0].factors[
-        slices[0].factor], slices=slices, layer=outer.layer, unit_width=outer.unit_width)
+    size = slices[0].factors[slices[0].factor]
+    return Group(name=outer.name + ".query_per_kv", kind=GroupKind.HEADS, size=size, slices=slices,
+                 layer=outer.layer, unit_width=outer.unit_width)
 
 
 def _name_for(slices, kind: GroupKind, layers_path: str | None) -> tuple[int | None, str]:
