@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-text", help="held-out text for perplexity and the cloze task")
     evaluate.add_argument("--tasks-dir", type=Path, help="extra lm-eval task YAML folder (dataset_path: json, local files)")
     evaluate.add_argument("--bigbench-dir", type=Path, help="BIG-bench task.json folder (default: cache, see scripts/fetch_bigbench.py)")
+    evaluate.add_argument("--lm-eval-tasks", default="", help="comma-separated lm-eval task names (hellaswag, "
+                          "piqa, ...) whose datasets are already in the local HF datasets cache")
     evaluate.add_argument("--limit", type=int, default=200, help="items per task (0 = all)")
     evaluate.add_argument("--cloze-items", type=int, default=300)
     evaluate.add_argument("--no-speed", action="store_true")
@@ -117,7 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(models=args.models, baseline=args.baseline, report_dir=args.report_dir,
                           eval_text=args.eval_text, tasks_dir=args.tasks_dir, bigbench_dir=args.bigbench_dir,
                           limit=args.limit or None, cloze_items=args.cloze_items, speed=not args.no_speed,
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code,
+                          builtin_tasks=[t for t in args.lm_eval_tasks.split(",") if t])
     out, report = run_eval(options)
     print(_markdown(report))
     print(f"report written to {out}")
@@ -130,7 +133,8 @@ COMMANDS = {"prune": cmd_prune, "apply": cmd_apply, "eval": cmd_eval, "graph": c
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: local folders only
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         code = COMMANDS[args.command](args)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # finished: a late Ctrl-C must not turn success into a crash

@@ -43,6 +43,8 @@ def prune_summary(report: dict, out: Path) -> str:
         rows.append(["would be saved to", str(out)])
     else:
         rows.append(["saved to", str(out)])
+        source = report["source"]["path"]
+        rows.append(["full evaluation", f"depgraph-llm eval {out} --baseline {source}  (report.md, plots)"])
     return "\n" + table(rows, ["", "depgraph-llm prune"])
 
 

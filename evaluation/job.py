@@ -27,6 +27,17 @@ PROTOCOL = ("perplexity: evaluation/perplexity.py (non-overlapping windows, fp32
             "dense and pruned interleaved in one process; peak memory on CPU = weights + RSS growth while running")
 
 
+def on_speed_device(*models):
+    """Copies of the models on the GPU in bf16 when one is present; the models themselves on CPU otherwise."""
+    import copy
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return models
+    return tuple(copy.deepcopy(m).to("cuda", torch.bfloat16) for m in models)
+
+
 def default_bigbench_dir() -> Path:
     return cache_dir() / "bigbench"
 
@@ -45,7 +56,7 @@ class EvalOptions:
     eval_tokens: int = 4096
     speed: bool = True
     trust_remote_code: bool = False
-    extra_tasks: list[str] = field(default_factory=list)
+    builtin_tasks: list[str] = field(default_factory=list)  # lm-eval task names with locally cached datasets
 
 
 def build_tasks(folder: Path, text: str, options: EvalOptions) -> list[LocalTask]:
@@ -105,6 +116,8 @@ def run_eval(options: EvalOptions) -> tuple[Path, dict]:
             for task_dir in task_dirs + ([options.tasks_dir] if options.tasks_dir else []):
                 in_dir = [n for n in names if n in chance] if task_dir in task_dirs else _user_task_names(task_dir)
                 accuracy.update(evaluate_tasks(model, tokenizer, task_dir, in_dir, limit=options.limit))
+            if options.builtin_tasks:
+                accuracy.update(evaluate_tasks(model, tokenizer, None, options.builtin_tasks, limit=options.limit))
             for name, value in accuracy.items():
                 value["chance"] = chance.get(name)
             entry["accuracy"] = accuracy
@@ -112,7 +125,7 @@ def run_eval(options: EvalOptions) -> tuple[Path, dict]:
                 if label == "baseline":
                     baseline_model = model
                 elif baseline_model is not None:
-                    comparison = compare_speed(baseline_model, model)
+                    comparison = compare_speed(*on_speed_device(baseline_model, model))
                     report["speed"][label] = comparison
                     report["models"]["baseline"]["tokens_per_s"] = {
                         "prefill": comparison["dense"]["prefill_tokens_per_s"],
@@ -123,7 +136,7 @@ def run_eval(options: EvalOptions) -> tuple[Path, dict]:
                                              "decode": speed["decode_tokens_per_s"]}
                     entry["peak_memory_bytes"] = speed["peak_memory_bytes"]
                 else:
-                    speed = measure_speed(model).to_dict()
+                    speed = measure_speed(on_speed_device(model)[0]).to_dict()
                     entry["tokens_per_s"] = {"prefill": speed["prefill_tokens_per_s"],
                                              "decode": speed["decode_tokens_per_s"]}
                     entry["peak_memory_bytes"] = speed["peak_memory_bytes"]

@@ -9,16 +9,18 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def evaluate_tasks(model: nn.Module, tokenizer, tasks_dir: Path, task_names: list[str], limit: int | None = None,
-                   batch_size: int = 8) -> dict[str, dict]:
-    """Run lm-eval's simple_evaluate on `task_names` defined in `tasks_dir`; {task: {"acc": .., "items": ..}}."""
+def evaluate_tasks(model: nn.Module, tokenizer, tasks_dir: Path | None, task_names: list[str],
+                   limit: int | None = None, batch_size: int = 8) -> dict[str, dict]:
+    """Run lm-eval's simple_evaluate on `task_names` defined in `tasks_dir` (None: lm-eval's built-in tasks,
+    whose datasets must already be in the local HF datasets cache); {task: {"acc": .., "items": ..}}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
-    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    manager = (TaskManager(include_path=str(tasks_dir), include_defaults=False) if tasks_dir is not None
+               else TaskManager())
     results = simple_evaluate(model=lm, tasks=task_names, task_manager=manager, limit=limit, bootstrap_iters=0,
                               log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     out = {}
