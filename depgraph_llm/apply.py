@@ -125,8 +125,9 @@ def _remove_layers(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, s
             setattr(config, field, [v for i, v in enumerate(values) if i not in removed])
 
 
-def layer_widths(coupling: CouplingGraph, plan: PrunePlan) -> list[dict[str, int]]:
-    """Per kept layer: MLP width and head counts after the plan."""
+def layer_widths(coupling: CouplingGraph, plan: PrunePlan | None = None) -> list[dict[str, int]]:
+    """Per kept layer: MLP width and head counts after the plan (of the dense model without one)."""
+    plan = plan or PrunePlan("", "", "", "", 0, 0.0, 1, 1, 1)
     heads = head_counts(coupling, plan)
     widths = []
     layers = sorted({g.layer for g in coupling.groups if g.layer is not None})

@@ -5,7 +5,7 @@ import logging
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -141,38 +141,43 @@ def run_prune(options: PruneOptions) -> PruneResult:
     if options.dry_run:
         plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                          options.seed, source_hash, options.show_progress, timer, apply=False)
-        report = dry_run_report(model_path, coupling, plan, timer)
+        report = plan_report(model_path, source_hash, coupling, plan, timer)
+        report["dry_run"] = True
+        report["estimated_checkpoint_bytes"] = plan.params_after * 4
         report["estimated_remaining_s"] = round(_remaining_time(model, tokenizer, eval_text, options, plan), 1)
         return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
     check_free_space(out, params_before * 4)
     plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                      options.seed, source_hash, options.show_progress, timer)
-    widths_before = layer_widths(coupling, PrunePlan(**{**asdict(plan), "keep": {}, "keep_nested": {}}))
-    params_after = plan.params_after
     ppl_after = None
     if options.evaluate:
         with timer("perplexity_after"):
             ppl_after = perplexity(model, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
                                    options.show_progress)
-    report = {
-        "tool": {"name": "depgraph-llm", "version": __version__, "torch": torch.__version__,
-                 "python": platform.python_version()},
-        "source": {"path": str(model_path), "weights_sha256": source_hash, "model_type": plan.model_type},
-        "importance": estimator.name, "schedule": plan.schedule, "seed": options.seed, "round_to": options.round_to,
-        "params_before": params_before, "params_after": params_after,
-        "ratio_requested": options.ratio, "ratio_achieved": round(plan.ratio_achieved, 6),
-        "layer_widths_before": widths_before, "layer_widths_after": layer_widths(coupling, plan),
-        "calibration": {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len},
-        "perplexity": {"protocol": "evaluation/perplexity.py", "files": eval_files,
-                       "before": ppl_before.to_dict() if ppl_before else None,
-                       "after": ppl_after.to_dict() if ppl_after else None},
-        "timings_s": timer.times,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    report = plan_report(model_path, source_hash, coupling, plan, timer)
+    report["calibration"] = {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len}
+    report["perplexity"] = {"protocol": "evaluation/perplexity.py", "files": eval_files,
+                            "before": ppl_before.to_dict() if ppl_before else None,
+                            "after": ppl_after.to_dict() if ppl_after else None}
     with timer("save"):
         save_checkpoint(model, tokenizer, out, plan, report, options.overwrite)
     report["timings_s"] = timer.times
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+
+
+def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, plan: PrunePlan, timer: _Timer) -> dict:
+    """The part of prune_report.json that every job writes: source, plan summary, widths, timings, memory."""
+    return {
+        "tool": {"name": "depgraph-llm", "version": __version__, "torch": torch.__version__,
+                 "python": platform.python_version()},
+        "source": {"path": str(model_path), "weights_sha256": source_hash, "model_type": plan.model_type},
+        "importance": plan.estimator, "schedule": plan.schedule, "seed": plan.seed, "round_to": plan.round_to,
+        "params_before": plan.params_before, "params_after": plan.params_after,
+        "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
+        "layer_widths_before": layer_widths(coupling), "layer_widths_after": layer_widths(coupling, plan),
+        "timings_s": timer.times,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def couple_or_explain(model) -> CouplingGraph:
@@ -230,21 +235,6 @@ def _remaining_time(model, tokenizer, eval_text: str, options: PruneOptions, pla
     return seconds
 
 
-def dry_run_report(model_path: Path, coupling: CouplingGraph, plan: PrunePlan, timer: _Timer) -> dict:
-    """What a real run would produce, without touching the model or the disk."""
-    return {
-        "dry_run": True, "source": {"path": str(model_path), "model_type": plan.model_type},
-        "importance": plan.estimator, "schedule": plan.schedule,
-        "params_before": plan.params_before, "params_after": plan.params_after,
-        "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
-        "layer_widths_before": layer_widths(coupling, PrunePlan(**{**asdict(plan), "keep": {}, "keep_nested": {}})),
-        "layer_widths_after": layer_widths(coupling, plan),
-        "estimated_checkpoint_bytes": plan.params_after * 4,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "timings_s": timer.times,
-    }
-
-
 def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = False,
               trust_remote_code: bool = False) -> PruneResult:
     """Replay a saved prune plan on the model it was made from (checked by weights hash)."""
@@ -262,19 +252,12 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
         raise UserError(f"{plan_path} expects {plan.params_before} parameters before pruning; the model differs")
     check_free_space(out, plan.params_after * 4)
     coupling = couple_or_explain(loaded)
-    widths_before = layer_widths(coupling, PrunePlan(**{**asdict(plan), "keep": {}, "keep_nested": {}}))
     with timer("apply"):
         apply_plan(loaded, coupling, plan, spec_for(loaded.config.model_type))
     if sum(p.numel() for p in loaded.parameters()) != plan.params_after:
         raise RuntimeError("internal error: replayed plan gave a different parameter count")
-    report = {"replayed_from": str(plan_path), "source": {"path": str(model_path), "weights_sha256": source_hash,
-                                                          "model_type": plan.model_type},
-              "importance": plan.estimator, "schedule": plan.schedule, "seed": plan.seed,
-              "params_before": plan.params_before, "params_after": plan.params_after,
-              "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
-              "layer_widths_before": widths_before, "layer_widths_after": layer_widths(coupling, plan),
-              "perplexity": {"before": None, "after": None}, "timings_s": timer.times,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    report = plan_report(model_path, source_hash, coupling, plan, timer)
+    report["replayed_from"] = str(plan_path)
     with timer("save"):
         save_checkpoint(loaded, tokenizer, out, plan, report, overwrite)
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
