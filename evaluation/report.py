@@ -56,11 +56,11 @@ def _plots(report: dict, folder: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, m in models.items():
-        widths = m.get("layer_widths") or []
-        if widths and "mlp" in widths[0]:
-            ax.bar([w["layer"] + 0.1 * list(models).index(label) for w in widths], [w["mlp"] for w in widths],
-                   width=0.1 if len(models) > 1 else 0.8, label=label)
+    with_widths = [(label, m["layer_widths"]) for label, m in models.items()
+                   if m.get("layer_widths") and "mlp" in m["layer_widths"][0]]
+    bar = 0.8 / max(1, len(with_widths))
+    for index, (label, widths) in enumerate(with_widths):
+        ax.bar([w["layer"] + bar * index for w in widths], [w["mlp"] for w in widths], width=bar, label=label)
     ax.set(xlabel="layer", ylabel="MLP width", title="Per-layer MLP widths")
     if ax.has_data():
         ax.legend(fontsize=7)
