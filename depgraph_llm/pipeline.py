@@ -21,9 +21,14 @@ from .errors import UserError
 from .importance import get_estimator, score_groups
 from .loading import load_model, resolve_model_path
 from .plan import PrunePlan
-from .planning import ParamCounter, Widths, plan_uniform  # noqa: F401  (Widths: config_accepts type)
+from .importance.depth import angular_distance, block_influence
+from .planning import RATIO_TOLERANCE, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+
+SCHEDULES = ("uniform", "depth")
+DEPTH_METRICS = ("bi", "angular")
 
 
 @dataclass
@@ -34,6 +39,8 @@ class PruneOptions:
     ratio: float = 0.25
     out: Path | None = None
     importance: str = "taylor"
+    schedule: str = "uniform"
+    depth_metric: str = "bi"
     calibration: str | None = None
     eval_text: str | None = None
     seed: int = 0
@@ -57,6 +64,11 @@ class PruneOptions:
             if getattr(self, name) < 1 or (name.endswith("seq_len") and getattr(self, name) < 2):
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small; pass a positive value")
         get_estimator(self.importance)
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule {self.schedule!r} is not available; choose one of: {', '.join(SCHEDULES)}")
+        if self.depth_metric not in DEPTH_METRICS:
+            raise UserError(f"--depth-metric {self.depth_metric!r} is not available; choose one of: "
+                            f"{', '.join(DEPTH_METRICS)}")
         if self.out is not None:
             check_output_dir(Path(self.out), self.overwrite)
 
@@ -131,7 +143,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     estimator = get_estimator(options.importance)
     cal_text, eval_text, cal_files, eval_files = _texts(options)
     calibration = (token_windows(tokenizer, cal_text, options.seq_len, options.calibration_samples, options.seed)
-                   if estimator.needs_gradients else [])
+                   if estimator.needs_gradients or options.schedule == "depth" else [])
     params_before = sum(p.numel() for p in model.parameters())
     ppl_before = None
     if options.evaluate and not options.dry_run:
@@ -140,7 +152,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
                                     options.show_progress)
     if options.dry_run:
         plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
-                                         options.seed, source_hash, options.show_progress, timer, apply=False)
+                                         options.seed, source_hash, options.show_progress, timer, apply=False,
+                                         schedule=options.schedule, depth_metric=options.depth_metric)
         report = plan_report(model_path, source_hash, coupling, plan, timer)
         report["dry_run"] = True
         report["estimated_checkpoint_bytes"] = plan.params_after * 4
@@ -148,7 +161,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
         return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
     check_free_space(out, params_before * 4)
     plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
-                                     options.seed, source_hash, options.show_progress, timer)
+                                     options.seed, source_hash, options.show_progress, timer,
+                                     schedule=options.schedule, depth_metric=options.depth_metric)
     ppl_after = None
     if options.evaluate:
         with timer("perplexity_after"):
@@ -180,6 +194,18 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
     }
 
 
+def _depth_plan(model, coupling: CouplingGraph, counter: ParamCounter, calibration: list[torch.Tensor], ratio: float,
+                metric: str) -> list[int]:
+    if coupling.layers_path is None:
+        raise UserError("no decoder-layer list found in this model; depth pruning is not possible, use --schedule uniform")
+    if not calibration:
+        raise UserError("depth pruning needs calibration text; pass --calibration FILE")
+    layers = model.get_submodule(coupling.layers_path)
+    influence = block_influence(model, layers, calibration)
+    return plan_depth(counter, influence, ratio, contiguous=metric == "angular",
+                      angular=lambda span: angular_distance(model, layers, calibration, span))
+
+
 def couple_or_explain(model) -> CouplingGraph:
     """build_coupling, turning a tracing failure into a one-line error that points to the fix."""
     try:
@@ -193,8 +219,12 @@ def couple_or_explain(model) -> CouplingGraph:
 
 def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], ratio: float, round_to: int = 8,
                     seed: int = 0, source_hash: str = "", show_progress: bool = False,
-                    timer: "_Timer | None" = None, apply: bool = True) -> tuple[PrunePlan, "CouplingGraph"]:
-    """Trace, score, plan (uniform) and physically prune `model` in place; returns the plan and coupling."""
+                    timer: "_Timer | None" = None, apply: bool = True, schedule: str = "uniform",
+                    depth_metric: str = "bi") -> tuple[PrunePlan, "CouplingGraph"]:
+    """Trace, score, plan and physically prune `model` in place; returns the plan and coupling.
+
+    schedule "uniform": same widths in every layer. "depth": remove whole decoder layers (Block Influence or
+    angular distance on the calibration batches) and trim the rest uniformly to land on the exact ratio."""
     timer = timer or _Timer()
     estimator = get_estimator(importance)
     with timer("trace_and_couple"):
@@ -204,14 +234,23 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
         scores = score_groups(model, coupling.groups, estimator, lambda: calibration, show_progress)
     spec = spec_for(model.config.model_type)
     params_before = sum(p.numel() for p in model.parameters())
+    counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
+    removed_layers: list[int] = []
+    if schedule == "depth":
+        with timer("depth_importance"):
+            removed_layers = _depth_plan(model, coupling, counter, calibration, ratio, depth_metric)
+        counter = counter.without_layers(frozenset(removed_layers))
     with timer("plan"):
-        counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
-        keep, keep_nested, params_after = plan_uniform(
-            coupling, counter, scores, ratio, round_to, lambda w: config_accepts(model, spec, w),
-            loss_scaled=estimator.loss_scaled)
+        params_after = counter.count({})
+        keep, keep_nested = {}, {}
+        if schedule == "uniform" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
+            keep, keep_nested, params_after = plan_uniform(
+                coupling, counter, scores, ratio, round_to, lambda w: config_accepts(model, spec, w),
+                loss_scaled=estimator.loss_scaled)
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
-                     schedule="uniform", seed=seed, ratio_requested=ratio, round_to=round_to,
-                     params_before=params_before, params_after=params_after, keep=keep, keep_nested=keep_nested)
+                     schedule=schedule if schedule == "uniform" else f"depth-{depth_metric}", seed=seed,
+                     ratio_requested=ratio, round_to=round_to, params_before=params_before,
+                     params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers)
     if not apply:
         return plan, coupling
     with timer("apply"):

@@ -1,6 +1,7 @@
 """Ratio -> kept units. The uniform schedule gives every layer the same widths (a stock-config checkpoint)."""
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
 class ParamCounter:
     """Exact parameter count of the model after keeping given numbers of units per group."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], coupling: CouplingGraph):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], coupling: CouplingGraph,
+                 removed_layers: frozenset[int] = frozenset()):
         self.shapes = shapes
+        self.removed_layers = removed_layers
         self.layer_params = {g.layer: set(g.params) for g in coupling.of_kind(GroupKind.LAYER)}
         self.places: dict[str, list[tuple[tuple[str, int], int, int | None]]] = {}
         for group in coupling.groups:
@@ -43,11 +46,18 @@ class ParamCounter:
                     self.places[g.name] = [((s.param, s.axis), s.factor, s.outer) for s in g.slices]
         self.factors = {(s.param, s.axis): s.factors for g in coupling.groups for s in g.slices}
 
-    def count(self, kept: dict[str, int], removed_layers: frozenset[int] = frozenset(),
+    def without_layers(self, removed: frozenset[int]) -> "ParamCounter":
+        """The same counter with these decoder layers removed by default."""
+        clone = copy.copy(self)
+        clone.removed_layers = frozenset(removed)
+        return clone
+
+    def count(self, kept: dict[str, int], removed_layers: frozenset[int] | None = None,
               only: set[str] | None = None) -> int:
         """`kept` maps group name (or nested group name) to units kept (per outer unit for nested groups).
 
         With `only`, count just those parameters."""
+        removed_layers = self.removed_layers if removed_layers is None else removed_layers
         factors = {key: list(f) for key, f in self.factors.items()}
         for name, k in kept.items():
             for key, factor, _outer in self.places[name]:
@@ -86,11 +96,12 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     How the removal is split between attention and MLP: with loss-scaled scores (Taylor) the split that removes
     the least total importance; otherwise the split whose removed fractions of attention and MLP parameters
     are closest (proportional pruning, as LLM-Pruner does with a single ratio)."""
-    mlp = [g for g in coupling.of_kind(GroupKind.CHANNELS) if g.layer is not None]
-    heads = [g for g in coupling.of_kind(GroupKind.HEADS) if g.layer is not None]
+    gone = counter.removed_layers
+    mlp = [g for g in coupling.of_kind(GroupKind.CHANNELS) if g.layer is not None and g.layer not in gone]
+    heads = [g for g in coupling.of_kind(GroupKind.HEADS) if g.layer is not None and g.layer not in gone]
     if not mlp and not heads:
         raise UserError("this model has no prunable MLP channels or attention heads; see `depgraph-llm graph`")
-    total = counter.count({})
+    total = counter.count({}, removed_layers=frozenset())
     target = total * (1.0 - ratio)
     mlp_size = min((g.size for g in mlp), default=None)
     kv_size = min((g.size for g in heads), default=None)
@@ -184,3 +195,32 @@ def select_units(mlp: list[Group], heads: list[Group], scores: dict[str, torch.T
         if g.nested is not None and widths.q_per_kv is not None and widths.q_per_kv < g.nested.size:
             keep_nested[g.nested.name] = [top_k(row, widths.q_per_kv) for row in scores[g.nested.name]]
     return keep, keep_nested
+
+
+def plan_depth(counter: ParamCounter, layer_scores: torch.Tensor, ratio: float, contiguous: bool = False,
+               angular: Callable[[int], torch.Tensor] | None = None) -> list[int]:
+    """Decoder layers to remove: as many as fit in the budget (at least one layer kept).
+
+    `layer_scores` (Block Influence) picks the lowest-scoring layers; with `contiguous`, `angular(n)` gives the
+    distance of every n-layer block and the block with the smallest one goes.
+    """
+    total = counter.count({}, removed_layers=frozenset())
+    layers = len(layer_scores)
+    budget = total * (ratio + RATIO_TOLERANCE)
+    count = 0
+    while count + 1 < layers:
+        candidate = _depth_choice(layer_scores, count + 1, contiguous, angular)
+        if total - counter.count({}, removed_layers=frozenset(candidate)) > budget:
+            break
+        count += 1
+    if count == 0:
+        raise UserError(f"ratio {ratio} is smaller than one decoder layer; use --schedule uniform")
+    return _depth_choice(layer_scores, count, contiguous, angular)
+
+
+def _depth_choice(layer_scores: torch.Tensor, count: int, contiguous: bool, angular) -> list[int]:
+    if contiguous:
+        distances = angular(count)
+        start = int(torch.argmin(distances))
+        return list(range(start, start + count))
+    return sorted(top_k(-layer_scores, count))

@@ -27,6 +27,8 @@ def prune_summary(report: dict, out: Path) -> str:
         ["ratio requested / achieved", f"{report['ratio_requested']:.3f} / {report['ratio_achieved']:.3f}"],
     ]
     before, after = report["layer_widths_before"], report["layer_widths_after"]
+    if before and len(before) != len(after):
+        rows.append(["decoder layers", f"{len(before)} -> {len(after)}"])
     if before and after:
         keys = [k for k in ("mlp", "q_heads", "kv_heads") if k in before[0]]
         rows.append(["layer widths " + "/".join(keys), " / ".join(f"{before[0][k]}->{after[0][k]}" for k in keys)])
