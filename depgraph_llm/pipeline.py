@@ -21,7 +21,7 @@ from .errors import UserError
 from .importance import get_estimator, score_groups
 from .loading import load_model, resolve_model_path
 from .plan import PrunePlan
-from .importance.depth import angular_distance, block_influence
+from .importance.depth import angular_distance, angular_distances, block_influence
 from .planning import RATIO_TOLERANCE, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,9 @@ def _depth_plan(model, coupling: CouplingGraph, counter: ParamCounter, calibrati
         raise UserError("depth pruning needs calibration text; pass --calibration FILE")
     layers = model.get_submodule(coupling.layers_path)
     influence = block_influence(model, layers, calibration)
+    matrix = angular_distances(model, layers, calibration) if metric == "angular" else None
     return plan_depth(counter, influence, ratio, contiguous=metric == "angular",
-                      angular=lambda span: angular_distance(model, layers, calibration, span))
+                      angular=lambda span: angular_distance(model, layers, calibration, span, matrix))
 
 
 def couple_or_explain(model) -> CouplingGraph:

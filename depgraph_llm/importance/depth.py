@@ -53,15 +53,23 @@ def block_influence(model: nn.Module, layers: nn.ModuleList, batches: list[torch
     return totals / max(tokens, 1)
 
 
-def angular_distance(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], span: int) -> torch.Tensor:
-    """Per start layer l (0..L-span): mean arccos(cosine(h_l, h_{l+span})) / pi."""
-    starts = len(layers) - span + 1
-    totals = torch.zeros(max(starts, 0), dtype=torch.float64)
+def angular_distances(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> torch.Tensor:
+    """(L+1, L+1) matrix: entry [i, j] = mean arccos(cosine(h_i, h_j)) / pi over tokens (one pass per batch)."""
+    boundaries = len(layers) + 1
+    totals = torch.zeros(boundaries, boundaries, dtype=torch.float64)
     tokens = 0
     for input_ids in batches:
         states = _boundary_states(model, layers, input_ids)
-        for start in range(starts):
-            cosine = torch.nn.functional.cosine_similarity(states[start], states[start + span], dim=-1)
-            totals[start] += (torch.arccos(cosine.clamp(-1, 1)) / math.pi).double().sum()
+        for i in range(boundaries):
+            for j in range(i + 1, boundaries):
+                cosine = torch.nn.functional.cosine_similarity(states[i], states[j], dim=-1)
+                totals[i, j] += (torch.arccos(cosine.clamp(-1, 1)) / math.pi).double().sum()
         tokens += input_ids.numel()
     return totals / max(tokens, 1)
+
+
+def angular_distance(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], span: int,
+                     matrix: torch.Tensor | None = None) -> torch.Tensor:
+    """Per start layer l (0..L-span): mean arccos(cosine(h_l, h_{l+span})) / pi."""
+    matrix = angular_distances(model, layers, batches) if matrix is None else matrix
+    return torch.stack([matrix[start, start + span] for start in range(len(layers) - span + 1)])
