@@ -9,7 +9,6 @@ import torch
 
 from .coupling import CouplingGraph
 from .errors import UserError
-from .groups import Group
 
 PLAN_FORMAT = 1
 
@@ -90,11 +89,3 @@ def axis_masks(coupling: CouplingGraph, plan: PrunePlan) -> dict[tuple[str, int]
                 key = (s.param, s.axis)
                 masks[key] = mask if key not in masks else masks[key] & mask
     return masks
-
-
-def groups_by_layer(groups: list[Group]) -> dict[int, list[Group]]:
-    layers: dict[int, list[Group]] = {}
-    for group in groups:
-        if group.layer is not None:
-            layers.setdefault(group.layer, []).append(group)
-    return layers
