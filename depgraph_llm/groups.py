@@ -62,7 +62,3 @@ class Group:
     nested: Group | None = None
     module: str | None = None
     params: tuple[str, ...] = field(default=())
-
-    @property
-    def param_names(self) -> set[str]:
-        return {s.param for s in self.slices} | set(self.params)
