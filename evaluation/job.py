@@ -92,19 +92,21 @@ def _widths(path: Path) -> list[dict] | None:
     return None
 
 
+def _speed_fields(speed: dict) -> dict:
+    return {"tokens_per_s": {"prefill": speed["prefill_tokens_per_s"], "decode": speed["decode_tokens_per_s"]},
+            "peak_memory_bytes": speed["peak_memory_bytes"]}
+
+
 def run_eval(options: EvalOptions) -> tuple[Path, dict]:
     """Evaluate every model (and the baseline) and write the report next to the first model."""
     paths = [resolve_model_path(m) for m in options.models]
     baseline_path = resolve_model_path(options.baseline) if options.baseline else None
     text = load_text([Path(options.eval_text)] if options.eval_text else default_files(DEFAULT_EVAL_FILES))
+    user_tasks = _user_task_names(options.tasks_dir) if options.tasks_dir else []
     report: dict = {"models": {}, "speed": {}, "protocol": PROTOCOL}
     baseline_model = None
     with tempfile.TemporaryDirectory() as tmp:
         tasks = build_tasks(Path(tmp), text, options)
-        task_dirs = [Path(tmp)]
-        names = [t.name for t in tasks]
-        if options.tasks_dir:
-            names += _user_task_names(options.tasks_dir)
         chance = {t.name: t.chance for t in tasks}
         labelled = ([("baseline", baseline_path)] if baseline_path else []) + [(p.name, p) for p in paths]
         for label, path in labelled:
@@ -112,37 +114,26 @@ def run_eval(options: EvalOptions) -> tuple[Path, dict]:
             entry = {"path": str(path), "params": sum(p.numel() for p in model.parameters()),
                      "perplexity": perplexity(model, tokenizer, text, options.seq_len, options.eval_tokens).perplexity,
                      "layer_widths": _widths(path)}
-            accuracy = {}
-            for task_dir in task_dirs + ([options.tasks_dir] if options.tasks_dir else []):
-                in_dir = [n for n in names if n in chance] if task_dir in task_dirs else _user_task_names(task_dir)
-                accuracy.update(evaluate_tasks(model, tokenizer, task_dir, in_dir, limit=options.limit))
+            accuracy = evaluate_tasks(model, tokenizer, Path(tmp), list(chance), limit=options.limit)
+            if user_tasks:
+                accuracy.update(evaluate_tasks(model, tokenizer, options.tasks_dir, user_tasks, limit=options.limit))
             if options.builtin_tasks:
                 accuracy.update(evaluate_tasks(model, tokenizer, None, options.builtin_tasks, limit=options.limit))
             for name, value in accuracy.items():
                 value["chance"] = chance.get(name)
             entry["accuracy"] = accuracy
-            if options.speed:
-                if label == "baseline":
-                    baseline_model = model
-                elif baseline_model is not None:
-                    comparison = compare_speed(*on_speed_device(baseline_model, model))
-                    report["speed"][label] = comparison
-                    report["models"]["baseline"]["tokens_per_s"] = {
-                        "prefill": comparison["dense"]["prefill_tokens_per_s"],
-                        "decode": comparison["dense"]["decode_tokens_per_s"]}
-                    report["models"]["baseline"]["peak_memory_bytes"] = comparison["dense"]["peak_memory_bytes"]
-                    speed = comparison["pruned"]
-                    entry["tokens_per_s"] = {"prefill": speed["prefill_tokens_per_s"],
-                                             "decode": speed["decode_tokens_per_s"]}
-                    entry["peak_memory_bytes"] = speed["peak_memory_bytes"]
-                else:
-                    speed = measure_speed(on_speed_device(model)[0]).to_dict()
-                    entry["tokens_per_s"] = {"prefill": speed["prefill_tokens_per_s"],
-                                             "decode": speed["decode_tokens_per_s"]}
-                    entry["peak_memory_bytes"] = speed["peak_memory_bytes"]
             report["models"][label] = entry
-            if label != "baseline":
-                del model
+            if not options.speed:
+                continue
+            if label == "baseline":
+                baseline_model = model
+            elif baseline_model is not None:
+                comparison = compare_speed(*on_speed_device(baseline_model, model))
+                report["speed"][label] = comparison
+                report["models"]["baseline"].update(_speed_fields(comparison["dense"]))
+                entry.update(_speed_fields(comparison["pruned"]))
+            else:
+                entry.update(_speed_fields(measure_speed(on_speed_device(model)[0]).to_dict()))
     out = options.report_dir or (paths[0] / "eval_report")
     write_report(report, out)
     return out, report
