@@ -20,7 +20,8 @@ from .coupling import CouplingGraph, build_coupling
 from .errors import UserError
 from .importance import get_estimator, score_groups
 from .loading import load_model, resolve_model_path
-from .plan import PrunePlan
+from recovery.least_squares import assign_weights, consumer_layers, least_squares_weights
+from .plan import PrunePlan, axis_masks
 from .importance.depth import angular_distance, angular_distances, block_influence
 from .planning import RATIO_TOLERANCE, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("uniform", "depth")
 DEPTH_METRICS = ("bi", "angular")
+RECONSTRUCTIONS = ("none", "ls")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class PruneOptions:
     importance: str = "taylor"
     schedule: str = "uniform"
     depth_metric: str = "bi"
+    reconstruct: str = "none"
     calibration: str | None = None
     eval_text: str | None = None
     seed: int = 0
@@ -66,6 +69,9 @@ class PruneOptions:
         get_estimator(self.importance)
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule {self.schedule!r} is not available; choose one of: {', '.join(SCHEDULES)}")
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise UserError(f"--reconstruct {self.reconstruct!r} is not available; choose one of: "
+                            f"{', '.join(RECONSTRUCTIONS)}")
         if self.depth_metric not in DEPTH_METRICS:
             raise UserError(f"--depth-metric {self.depth_metric!r} is not available; choose one of: "
                             f"{', '.join(DEPTH_METRICS)}")
@@ -143,7 +149,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     estimator = get_estimator(options.importance)
     cal_text, eval_text, cal_files, eval_files = _texts(options)
     calibration = (token_windows(tokenizer, cal_text, options.seq_len, options.calibration_samples, options.seed)
-                   if estimator.needs_gradients or options.schedule == "depth" else [])
+                   if estimator.needs_gradients or options.schedule == "depth" or options.reconstruct != "none"
+                   else [])
     params_before = sum(p.numel() for p in model.parameters())
     ppl_before = None
     if options.evaluate and not options.dry_run:
@@ -153,7 +160,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     if options.dry_run:
         plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                          options.seed, source_hash, options.show_progress, timer, apply=False,
-                                         schedule=options.schedule, depth_metric=options.depth_metric)
+                                         schedule=options.schedule, depth_metric=options.depth_metric,
+                                     reconstruct=options.reconstruct)
         report = plan_report(model_path, source_hash, coupling, plan, timer)
         report["dry_run"] = True
         report["estimated_checkpoint_bytes"] = plan.params_after * 4
@@ -162,7 +170,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     check_free_space(out, params_before * 4)
     plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                      options.seed, source_hash, options.show_progress, timer,
-                                     schedule=options.schedule, depth_metric=options.depth_metric)
+                                     schedule=options.schedule, depth_metric=options.depth_metric,
+                                     reconstruct=options.reconstruct)
     ppl_after = None
     if options.evaluate:
         with timer("perplexity_after"):
@@ -221,7 +230,7 @@ def couple_or_explain(model) -> CouplingGraph:
 def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], ratio: float, round_to: int = 8,
                     seed: int = 0, source_hash: str = "", show_progress: bool = False,
                     timer: "_Timer | None" = None, apply: bool = True, schedule: str = "uniform",
-                    depth_metric: str = "bi") -> tuple[PrunePlan, "CouplingGraph"]:
+                    depth_metric: str = "bi", reconstruct: str = "none") -> tuple[PrunePlan, "CouplingGraph"]:
     """Trace, score, plan and physically prune `model` in place; returns the plan and coupling.
 
     schedule "uniform": same widths in every layer. "depth": remove whole decoder layers (Block Influence or
@@ -251,11 +260,18 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
                      schedule=schedule if schedule == "uniform" else f"depth-{depth_metric}", seed=seed,
                      ratio_requested=ratio, round_to=round_to, params_before=params_before,
-                     params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers)
+                     params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers,
+                     reconstruct=reconstruct)
     if not apply:
         return plan, coupling
+    fitted = {}
+    if reconstruct == "ls":
+        with timer("reconstruct"):
+            kept = consumer_layers(model, axis_masks(coupling, plan))
+            fitted = least_squares_weights(model, kept, calibration)
     with timer("apply"):
         apply_plan(model, coupling, plan, spec)
+        assign_weights(model, fitted)
     actual = sum(p.numel() for p in model.parameters())
     if actual != params_after:
         raise RuntimeError(f"internal error: planned {params_after} parameters, model has {actual}")
@@ -279,6 +295,9 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
               trust_remote_code: bool = False) -> PruneResult:
     """Replay a saved prune plan on the model it was made from (checked by weights hash)."""
     plan = PrunePlan.load(plan_path)
+    if plan.reconstruct != "none":
+        raise UserError(f"{plan_path} used --reconstruct {plan.reconstruct}, whose refitted weights depend on "
+                        "calibration data; rerun `prune` with the same options instead of `apply`")
     check_output_dir(out, overwrite)
     timer = _Timer()
     model_path = resolve_model_path(model)

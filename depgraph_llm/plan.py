@@ -29,6 +29,7 @@ class PrunePlan:
     keep: dict[str, list[int]] = field(default_factory=dict)
     keep_nested: dict[str, list[list[int]]] = field(default_factory=dict)
     removed_layers: list[int] = field(default_factory=list)
+    reconstruct: str = "none"
     format: int = PLAN_FORMAT
 
     @property
