@@ -1,5 +1,4 @@
-"""Recovery after pruning (LoRA, mask-aware training, retrain-free reconstruction).
+"""Recovery after pruning without training: least-squares reconstruction (`least_squares.py`).
 
-Nothing lives here yet: the foundation issue ships pruning without recovery; the recovery issues add modules
-to this package.
+Training-based recovery (LoRA, mask-aware fine-tuning) and the bias/OBS reconstructions are still to come.
 """
