@@ -1,6 +1,7 @@
 """Load a model folder or a GGUF file; import the embedded default model once into a cached HF folder."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -93,8 +94,6 @@ def resolve_model_path(model: str | None) -> Path:
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf; pass a model folder (with config.json) or a .gguf file")
-        import hashlib
-
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
         return _cached_import(path, cache_dir() / "gguf" / f"{path.stem}-{digest[:12]}")
     if not (path / "config.json").is_file():
@@ -127,7 +126,7 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
             from models import nearest_supported
 
             raise UserError(f"{path}: architecture {model_type!r} is unknown to this transformers version; the "
-                            f"nearest supported one is {nearest_supported(model_type or '')!r}; see "
+                            f"nearest supported one is {nearest_supported(model_type)!r}; see "
                             "docs/new-architecture.md") from exc
         hint = ("; it ships custom code: pass --trust-remote-code only if you trust it" if "trust_remote_code"
                 in str(exc) else "; fix or replace config.json")
