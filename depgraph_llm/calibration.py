@@ -82,3 +82,37 @@ def token_windows(tokenizer, text: str, seq_len: int, count: int | None, seed: i
     elif count is not None and count > available:
         log.warning("%s text holds only %d windows of %d tokens (asked for %d)", purpose, available, seq_len, count)
     return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in indices]
+
+
+@torch.no_grad()
+def self_generated_windows(model, tokenizer, seq_len: int, count: int, seed: int = 0,
+                           show_progress: bool = False) -> list[torch.Tensor]:
+    """Calibration windows sampled from the dense model itself, so no dataset is needed.
+
+    Each window starts from a token drawn uniformly from the ordinary (non-special) vocabulary and continues by
+    plain sampling (temperature 1, no top-k/top-p, end-of-text suppressed) to `seq_len` tokens, which spreads
+    the text over what the model actually knows instead of one greedy mode."""
+    generator = torch.Generator().manual_seed(seed)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ordinary = torch.tensor([i for i in range(min(vocab, len(tokenizer))) if i not in special])
+    if len(ordinary) == 0:
+        raise UserError("the tokenizer has no ordinary tokens to start self-generated calibration; pass --calibration FILE")
+    windows = []
+    batch = 4
+    iterator = range(0, count, batch)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="self-generating calibration", unit="batch")
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)  # generate() samples from the global generator
+    for start in iterator:
+        size = min(batch, count - start)
+        first = ordinary[torch.randint(len(ordinary), (size, 1), generator=generator)].to(device)
+        tokens = model.generate(
+            first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            repetition_penalty=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+            suppress_tokens=sorted(special) or None, pad_token_id=tokenizer.pad_token_id or 0)
+        windows.extend(tokens[i:i + 1, :seq_len].cpu() for i in range(size))
+    return windows

@@ -23,9 +23,13 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "(remove whole decoder layers, then trim widths uniformly to the exact ratio)")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
                         "angular (angular distance, one contiguous block)")
-    parser.add_argument("--reconstruct", default="none", help="none, or ls: refit down_proj/o_proj by least "
-                        "squares on calibration activations of the dense model (no training)")
-    parser.add_argument("--calibration", help="calibration text: a file, a folder of text files, or .json/.jsonl")
+    parser.add_argument("--reconstruct", default="obs", help="retrain-free reconstruction of the layers that lose "
+                        "input channels, layer by layer: obs (default: SlimGPT-style OBS choice of MLP channels + "
+                        "least squares), ls (least squares), bias (FLAP bias compensation) or none")
+    parser.add_argument("--reconstruct-mode", default="sequential", help="local (fit on the dense model's "
+                        "activations) or sequential (fit on the pruned model's running activations, dense targets)")
+    parser.add_argument("--calibration", help="calibration text: a file, a folder of text files, .json/.jsonl, "
+                        "or 'self' (text sampled from the dense model itself; no data needed)")
     parser.add_argument("--eval-text", help="text for perplexity before/after (default: licence texts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--round-to", type=int, default=8, help="round MLP widths to a multiple of this")
@@ -80,7 +84,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
         schedule=args.schedule, depth_metric=args.depth_metric, reconstruct=args.reconstruct,
-        calibration=args.calibration, eval_text=args.eval_text, seed=args.seed, round_to=args.round_to,
+        reconstruct_mode=args.reconstruct_mode, calibration=args.calibration, eval_text=args.eval_text,
+        seed=args.seed, round_to=args.round_to,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code)

@@ -14,13 +14,16 @@ from evaluation.perplexity import perplexity
 from models import nearest_supported, spec_for
 from . import __version__
 from .apply import apply_plan, layer_widths
-from .calibration import DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text, token_windows
+from .calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text,
+                          self_generated_windows, token_windows)
 from .checkpoint import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
 from .coupling import CouplingGraph, build_coupling
 from .errors import UserError
 from .importance import get_estimator, score_groups
 from .loading import load_model, resolve_model_path
-from recovery.least_squares import assign_weights, consumer_layers, least_squares_weights
+from recovery.bias_params import enable_zero_biases
+from recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUCT_MODES
+from recovery.reconstruct import check_supported, reconstruct as reconstruct_layers
 from .plan import PrunePlan, axis_masks
 from .importance.depth import angular_distance, angular_distances, block_influence
 from .planning import RATIO_TOLERANCE, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
@@ -30,7 +33,6 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("uniform", "depth")
 DEPTH_METRICS = ("bi", "angular")
-RECONSTRUCTIONS = ("none", "ls")
 
 
 @dataclass
@@ -43,7 +45,8 @@ class PruneOptions:
     importance: str = "taylor"
     schedule: str = "uniform"
     depth_metric: str = "bi"
-    reconstruct: str = "none"
+    reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
+    reconstruct_mode: str = "sequential"
     calibration: str | None = None
     eval_text: str | None = None
     seed: int = 0
@@ -72,6 +75,9 @@ class PruneOptions:
         if self.reconstruct not in RECONSTRUCTIONS:
             raise UserError(f"--reconstruct {self.reconstruct!r} is not available; choose one of: "
                             f"{', '.join(RECONSTRUCTIONS)}")
+        if self.reconstruct_mode not in RECONSTRUCT_MODES:
+            raise UserError(f"--reconstruct-mode {self.reconstruct_mode!r} is not available; choose one of: "
+                            f"{', '.join(RECONSTRUCT_MODES)}")
         if self.depth_metric not in DEPTH_METRICS:
             raise UserError(f"--depth-metric {self.depth_metric!r} is not available; choose one of: "
                             f"{', '.join(DEPTH_METRICS)}")
@@ -108,10 +114,24 @@ def default_out_dir(model_path: Path, ratio: float) -> Path:
     return Path.cwd() / f"{model_path.name}-pruned-{ratio:g}"
 
 
-def _texts(options: PruneOptions) -> tuple[str, str, list[str], list[str]]:
-    cal_files = [Path(options.calibration)] if options.calibration else default_files(DEFAULT_CALIBRATION_FILES)
+SELF_CALIBRATION = "self"
+
+
+def _texts(options: PruneOptions) -> tuple[str | None, str, list[str], list[str]]:
+    """Calibration text (None for self-generated), evaluation text, and the files they came from."""
     eval_files = [Path(options.eval_text)] if options.eval_text else default_files(DEFAULT_EVAL_FILES)
+    if options.calibration == SELF_CALIBRATION:
+        return None, load_text(eval_files), [SELF_CALIBRATION], [str(f) for f in eval_files]
+    cal_files = [Path(options.calibration)] if options.calibration else default_files(DEFAULT_CALIBRATION_FILES)
     return load_text(cal_files), load_text(eval_files), [str(f) for f in cal_files], [str(f) for f in eval_files]
+
+
+def calibration_batches(model, tokenizer, text: str | None, options: PruneOptions) -> list[torch.Tensor]:
+    """Token windows from the calibration text, or sampled from the dense model when `text` is None."""
+    if text is None:
+        return self_generated_windows(model, tokenizer, options.seq_len, options.calibration_samples, options.seed,
+                                      options.show_progress)
+    return token_windows(tokenizer, text, options.seq_len, options.calibration_samples, options.seed)
 
 
 def config_accepts(model, spec, widths: Widths) -> bool:
@@ -148,9 +168,9 @@ def run_prune(options: PruneOptions) -> PruneResult:
         source_hash = weights_hash(model_path)
     estimator = get_estimator(options.importance)
     cal_text, eval_text, cal_files, eval_files = _texts(options)
-    calibration = (token_windows(tokenizer, cal_text, options.seq_len, options.calibration_samples, options.seed)
-                   if estimator.needs_gradients or options.schedule == "depth" or options.reconstruct != "none"
-                   else [])
+    needs_calibration = estimator.needs_gradients or options.schedule == "depth" or options.reconstruct != "none"
+    with timer("calibration"):
+        calibration = calibration_batches(model, tokenizer, cal_text, options) if needs_calibration else []
     params_before = sum(p.numel() for p in model.parameters())
     ppl_before = None
     if options.evaluate and not options.dry_run:
@@ -161,7 +181,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
         plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                          options.seed, source_hash, options.show_progress, timer, apply=False,
                                          schedule=options.schedule, depth_metric=options.depth_metric,
-                                     reconstruct=options.reconstruct)
+                                         reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode)
         report = plan_report(model_path, source_hash, coupling, plan, timer)
         report["dry_run"] = True
         report["estimated_checkpoint_bytes"] = plan.params_after * 4
@@ -171,7 +191,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                      options.seed, source_hash, options.show_progress, timer,
                                      schedule=options.schedule, depth_metric=options.depth_metric,
-                                     reconstruct=options.reconstruct)
+                                     reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode)
     ppl_after = None
     if options.evaluate:
         with timer("perplexity_after"):
@@ -230,20 +250,26 @@ def couple_or_explain(model) -> CouplingGraph:
 def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], ratio: float, round_to: int = 8,
                     seed: int = 0, source_hash: str = "", show_progress: bool = False,
                     timer: "_Timer | None" = None, apply: bool = True, schedule: str = "uniform",
-                    depth_metric: str = "bi", reconstruct: str = "none") -> tuple[PrunePlan, "CouplingGraph"]:
+                    depth_metric: str = "bi", reconstruct: str = "none",
+                    reconstruct_mode: str = "sequential") -> tuple[PrunePlan, "CouplingGraph"]:
     """Trace, score, plan and physically prune `model` in place; returns the plan and coupling.
 
     schedule "uniform": same widths in every layer. "depth": remove whole decoder layers (Block Influence or
-    angular distance on the calibration batches) and trim the rest uniformly to land on the exact ratio."""
+    angular distance on the calibration batches) and trim the rest uniformly to land on the exact ratio.
+    reconstruct "ls"/"bias"/"obs": refit the layers that lose input channels on the calibration batches
+    (recovery/reconstruct.py); "bias" first gives the model zero biases through its config switches, so the
+    planner counts them."""
     timer = timer or _Timer()
     estimator = get_estimator(importance)
+    spec = spec_for(model.config.model_type)
+    params_before = sum(p.numel() for p in model.parameters())
+    if reconstruct == "bias":  # zero biases that the compensation will fill; the ratio stays relative to the source
+        enable_zero_biases(model, spec.bias_switches)
     with timer("trace_and_couple"):
         coupling = couple_or_explain(model)
     torch.manual_seed(seed)
     with timer("importance"):
         scores = score_groups(model, coupling.groups, estimator, lambda: calibration, show_progress)
-    spec = spec_for(model.config.model_type)
-    params_before = sum(p.numel() for p in model.parameters())
     counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
     removed_layers: list[int] = []
     if schedule == "depth":
@@ -256,22 +282,21 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
         if schedule == "uniform" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
             keep, keep_nested, params_after = plan_uniform(
                 coupling, counter, scores, ratio, round_to, lambda w: config_accepts(model, spec, w),
-                loss_scaled=estimator.loss_scaled)
+                loss_scaled=estimator.loss_scaled, reference=params_before)
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
                      schedule=schedule if schedule == "uniform" else f"depth-{depth_metric}", seed=seed,
                      ratio_requested=ratio, round_to=round_to, params_before=params_before,
                      params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers,
-                     reconstruct=reconstruct)
+                     reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "")
+    check_supported(coupling, plan, reconstruct, reconstruct_mode)
     if not apply:
         return plan, coupling
-    fitted = {}
-    if reconstruct == "ls":
+    if reconstruct != "none":
         with timer("reconstruct"):
-            kept = consumer_layers(model, axis_masks(coupling, plan))
-            fitted = least_squares_weights(model, kept, calibration)
+            plan.reconstruct_report = reconstruct_layers(model, coupling, plan, calibration, reconstruct,
+                                                         reconstruct_mode, show_progress=show_progress).to_dict()
     with timer("apply"):
         apply_plan(model, coupling, plan, spec)
-        assign_weights(model, fitted)
     actual = sum(p.numel() for p in model.parameters())
     if actual != params_after:
         raise RuntimeError(f"internal error: planned {params_after} parameters, model has {actual}")

@@ -30,6 +30,8 @@ class PrunePlan:
     keep_nested: dict[str, list[list[int]]] = field(default_factory=dict)
     removed_layers: list[int] = field(default_factory=list)
     reconstruct: str = "none"
+    reconstruct_mode: str = ""
+    reconstruct_report: dict = field(default_factory=dict)
     format: int = PLAN_FORMAT
 
     @property

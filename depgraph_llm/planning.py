@@ -90,8 +90,10 @@ def width_candidates(size: int, round_to: int) -> list[int]:
 
 def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[str, torch.Tensor], ratio: float,
                  round_to: int, is_valid: Callable[[Widths], bool],
-                 loss_scaled: bool = True) -> tuple[dict, dict, int]:
+                 loss_scaled: bool = True, reference: int | None = None) -> tuple[dict, dict, int]:
     """Same widths in every layer; returns (keep, keep_nested, params_after) hitting `ratio` within tolerance.
+
+    `reference` is the parameter count the ratio is relative to (default: the counter's full model).
 
     How the removal is split between attention and MLP: with loss-scaled scores (Taylor) the split that removes
     the least total importance; otherwise the split whose removed fractions of attention and MLP parameters
@@ -101,7 +103,7 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     heads = [g for g in coupling.of_kind(GroupKind.HEADS) if g.layer is not None and g.layer not in gone]
     if not mlp and not heads:
         raise UserError("this model has no prunable MLP channels or attention heads; see `depgraph-llm graph`")
-    total = counter.count({}, removed_layers=frozenset())
+    total = reference or counter.count({}, removed_layers=frozenset())
     target = total * (1.0 - ratio)
     mlp_size = min((g.size for g in mlp), default=None)
     kv_size = min((g.size for g in heads), default=None)

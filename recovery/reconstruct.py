@@ -1,0 +1,228 @@
+"""Retrain-free reconstruction of a pruned model, layer by layer (`--reconstruct ls|bias|obs`).
+
+In each decoder layer the "consumers" are the linear layers whose input channels the plan removes (down_proj
+for MLP channels, o_proj for heads). For each, calibration statistics are gathered on the pipeline's streams,
+one of the solvers in `solvers.py` gives new weights, and the consumer is rewritten in place with zeros in the
+removed columns, so the dense-shaped layer computes exactly what the physically pruned one will. `apply_plan`
+then slices the zeros away. With `obs` the plan's choice of MLP channels (and of heads when they are not
+nested in KV groups) is replaced by the OBS choice of the same count, and the plan is updated to match.
+
+Modes: the consumer's targets are always the dense weights applied to its inputs (W x + b); "local" takes the
+inputs from the dense model's own stream, "sequential" from the pruned model's running stream (SparseGPT/SlimGPT
+style: each layer is fitted to the inputs it will actually see once the layers before it are pruned).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from depgraph_llm.coupling import CouplingGraph
+from depgraph_llm.errors import UserError
+from depgraph_llm.groups import GroupKind
+from depgraph_llm.plan import PrunePlan, axis_masks
+from .layerwise import Recorder, capture_layer_inputs, layer_iterator, run_layer
+from .solvers import bias_correction, least_squares, obs_select
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "ls", "bias", "obs")
+MODES = ("local", "sequential")
+
+
+@dataclass
+class _Stats:
+    """Sufficient statistics of one consumer's inputs: X^T X, the sum of X and the token count (float64)."""
+
+    gram: torch.Tensor | None = None
+    sum_x: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add_x(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.gram = x.T @ x if self.gram is None else self.gram + x.T @ x
+        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        self.tokens += len(x)
+
+
+@dataclass
+class _Consumer:
+    name: str
+    module: nn.Linear
+    keep: torch.Tensor                      # bool over input columns
+    group: str | None = None                # group whose units OBS may re-choose
+    units: list[torch.Tensor] | None = None  # input columns of each unit of that group
+    stats: _Stats = field(default_factory=_Stats)
+
+
+@dataclass
+class ReconstructReport:
+    """What reconstruction did, for prune_report.json."""
+
+    method: str
+    mode: str
+    layers: int = 0
+    consumers: int = 0
+    reselected_groups: int = 0
+    relative_error_before: float = 0.0  # mean over consumers of ||Y_naive - Y|| / ||Y|| on calibration data
+    relative_error_after: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def check_supported(coupling: CouplingGraph, plan: PrunePlan, method: str, mode: str) -> None:
+    """One-line errors for combinations reconstruction cannot handle."""
+    if method not in METHODS:
+        raise UserError(f"--reconstruct {method!r} is not available; choose one of: {', '.join(METHODS)}")
+    if mode not in MODES:
+        raise UserError(f"--reconstruct-mode {mode!r} is not available; choose one of: {', '.join(MODES)}")
+    if method == "none":
+        return
+    if coupling.layers_path is None:
+        raise UserError("reconstruction runs layer by layer, but no decoder-layer list was found; use --reconstruct none")
+    for group in coupling.of_kind(GroupKind.HIDDEN) + coupling.of_kind(GroupKind.VOCAB):
+        if group.name in plan.keep and len(plan.keep[group.name]) < group.size:
+            raise UserError(f"--reconstruct {method} cannot follow {group.kind.value} pruning (it changes every "
+                            "layer's inputs); use --reconstruct none")
+
+
+def _consumers(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, layer_prefix: str,
+               masks: dict[tuple[str, int], torch.Tensor], reselect: bool) -> list[_Consumer]:
+    modules = dict(model.named_modules())
+    touching: dict[tuple[str, int], list] = {}
+    for group in coupling.groups:
+        for g in (group, group.nested):
+            if g is None:
+                continue
+            for s in g.slices:
+                touching.setdefault((s.param, s.axis), []).append((group, g, s))
+    consumers = []
+    for (param, axis), keep in masks.items():
+        module_name, _, attr = param.rpartition(".")
+        module = modules.get(module_name)
+        if (axis != 1 or attr != "weight" or not isinstance(module, nn.Linear) or bool(keep.all())
+                or not module_name.startswith(layer_prefix)):
+            continue
+        consumer = _Consumer(module_name, module, keep.clone())
+        owners = touching.get((param, axis), [])
+        if reselect and len(owners) == 1:
+            group, g, s = owners[0]
+            if g is group and (group.nested is None or group.nested.size == 1) and group.kind in (
+                    GroupKind.CHANNELS, GroupKind.HEADS):
+                consumer.group = group.name
+                consumer.units = [s.axis_mask(torch.eye(group.size, dtype=torch.bool)[u]).nonzero().flatten()
+                                  for u in range(group.size)]
+        consumers.append(consumer)
+    return consumers
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, batches: list[torch.Tensor],
+                method: str = "ls", mode: str = "sequential", damp: float = 0.01, device: torch.device | None = None,
+                show_progress: bool = False) -> ReconstructReport:
+    """Rewrite the consumers of every layer in place (zeros in removed columns); may update `plan.keep` (obs)."""
+    check_supported(coupling, plan, method, mode)
+    report = ReconstructReport(method=method, mode=mode)
+    if method == "none":
+        return report
+    if not batches:
+        raise UserError(f"--reconstruct {method} needs calibration text; pass --calibration FILE or self")
+    layers: nn.ModuleList = model.get_submodule(coupling.layers_path)
+    masks = axis_masks(coupling, plan)
+    inputs = capture_layer_inputs(model, layers, batches)
+    stream = inputs.hidden
+    removed_layers = set(plan.removed_layers)
+    errors_before, errors_after = [], []
+    iterator = layer_iterator(layers, device)
+    if show_progress:
+        iterator = tqdm(iterator, total=len(layers), desc=f"reconstruct ({method}, {mode})", unit="layer")
+    for index, layer in iterator:
+        arguments = inputs.arguments[index]
+        if index in removed_layers:
+            if mode == "local":  # the pruned model skips this layer; the dense stream goes through it
+                stream = run_layer(layer, stream, arguments, device)
+            continue
+        consumers = _consumers(model, coupling, plan, f"{coupling.layers_path}.{index}.", masks, method == "obs")
+        dense_next = _gather(layer, consumers, stream, arguments, device)
+        for consumer in consumers:
+            before, after = _solve(consumer, method, damp, plan)
+            errors_before.append(before)
+            errors_after.append(after)
+            report.reselected_groups += consumer.group is not None and method == "obs"
+        report.consumers += len(consumers)
+        report.layers += 1
+        # local: go on with the dense outputs; sequential: recompute with the reconstructed (pruned) layer
+        stream = dense_next if mode == "local" else run_layer(layer, stream, arguments, device)
+    if errors_before:
+        report.relative_error_before = sum(errors_before) / len(errors_before)
+        report.relative_error_after = sum(errors_after) / len(errors_after)
+    return report
+
+
+def _gather(layer: nn.Module, consumers: list[_Consumer], stream: list[torch.Tensor], arguments,
+            device) -> list[torch.Tensor]:
+    """Accumulate every consumer's input statistics over the stream; returns the stream's next hidden states."""
+    recorder = Recorder()
+    for c in consumers:
+        recorder.inputs(c.module, c.stats.add_x)
+    try:
+        return run_layer(layer, stream, arguments, device)
+    finally:
+        recorder.close()
+
+
+def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tuple[float, float]:
+    """New weights for one consumer; returns the relative output error before and after (on calibration)."""
+    stats, module = consumer.stats, consumer.module
+    weight = module.weight.detach().double().cpu()
+    bias = module.bias.detach().double().cpu() if module.bias is not None else None
+    b = bias if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    gram, sum_x, tokens = stats.gram.cpu(), stats.sum_x.cpu(), stats.tokens
+    # the targets are what the dense layer computes on the same inputs: Y = X W^T + b
+    cross = gram @ weight.T + sum_x[:, None] * b
+    sum_y = weight @ sum_x + tokens * b
+    y_energy = torch.einsum("oi,ij,oj->", weight, gram, weight) + 2 * b @ (weight @ sum_x) + tokens * b @ b
+    cross_without_bias = cross - sum_x[:, None] * b  # targets minus the bias, which is kept or fitted apart
+    keep = consumer.keep
+    if method == "obs" and consumer.units is not None:
+        keep = _obs_keep(consumer, weight, gram, damp, plan)
+    kept = keep.nonzero().flatten()
+    new_bias = b
+    if method == "bias":
+        new_weight = weight[:, kept]
+        new_bias = bias_correction(sum_x / tokens, sum_y / tokens, weight, kept)
+    else:
+        new_weight = least_squares(gram, cross_without_bias, kept, damp)
+
+    def residual(w_kept: torch.Tensor, bias_vec: torch.Tensor) -> float:
+        value = (torch.einsum("oi,ij,oj->", w_kept, gram[kept][:, kept], w_kept)
+                 - 2 * torch.einsum("oi,io->", w_kept, cross[kept]) + 2 * bias_vec @ (w_kept @ sum_x[kept])
+                 - 2 * bias_vec @ sum_y + tokens * bias_vec @ bias_vec + y_energy)
+        return float(value.clamp_min(0) / y_energy.clamp_min(1e-30)) ** 0.5
+
+    before, after = residual(weight[:, kept], b), residual(new_weight, new_bias)
+    full = torch.zeros_like(weight)
+    full[:, kept] = new_weight
+    module.weight.copy_(full.to(module.weight.dtype))
+    if module.bias is not None:
+        module.bias.copy_(new_bias.to(module.bias.dtype))
+    elif method == "bias":
+        raise UserError(f"{consumer.name} has no bias to hold the compensation; use --reconstruct ls")
+    return before, after
+
+
+def _obs_keep(consumer: _Consumer, weight, gram, damp: float, plan: PrunePlan) -> torch.Tensor:
+    """Replace the plan's choice of units for the consumer's group by the OBS choice of the same count."""
+    units = consumer.units
+    n_remove = sum(1 for cols in units if not bool(consumer.keep[cols].all()))
+    removed = set(obs_select(weight, gram, units, n_remove, damp))
+    kept_units = [u for u in range(len(units)) if u not in removed]
+    plan.keep[consumer.group] = kept_units
+    keep = torch.zeros_like(consumer.keep)
+    for u in kept_units:
+        keep[units[u]] = True
+    return keep

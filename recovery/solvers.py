@@ -1,0 +1,77 @@
+"""The math of retrain-free reconstruction for one linear layer whose input channels are pruned.
+
+Every solver works on sufficient statistics of calibration data, never on the activations themselves:
+`gram` = X^T X and `cross` = X^T Y (float64), where X are the layer's inputs (tokens x in) and Y the outputs
+it should keep producing (tokens x out). Ridge damping `damp * mean(diag(gram))` keeps the systems well posed
+when calibration tokens are few.
+
+- least squares (Kwon et al.'s mask tuning, "Rethinking pruning LLMs"' local reconstruction):
+  W' = argmin ||X_kept W'^T - Y||^2 + ridge ||W'||^2
+- bias (FLAP): kept weights unchanged, the removed channels' mean contribution moves into the bias.
+- OBS (SlimGPT): choose which units to remove greedily by their optimal-brain-surgeon saliency under the
+  inverse Hessian H^-1 = (X^T X + ridge)^-1, updating the remaining weights after every removal.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def ridge(gram: torch.Tensor, damp: float) -> float:
+    """The ridge added to the diagonal: `damp` times the mean input energy."""
+    return damp * float(gram.diagonal().mean().clamp_min(1e-12))
+
+
+def least_squares(gram: torch.Tensor, cross: torch.Tensor, kept: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Best weights (out, len(kept)) on the kept input columns, in float64."""
+    g = gram[kept][:, kept]
+    g = g + ridge(gram, damp) * torch.eye(len(kept), dtype=g.dtype)
+    return torch.linalg.solve(g, cross[kept]).T
+
+
+def bias_correction(mean_x: torch.Tensor, mean_y: torch.Tensor, weight: torch.Tensor,
+                    kept: torch.Tensor) -> torch.Tensor:
+    """Bias (out,) that restores the mean output when only the kept columns of `weight` (unchanged) remain.
+
+    With local statistics (mean_y = W mean_x + b) this is FLAP's b + W[:, removed] mean_x[removed]."""
+    return mean_y - weight[:, kept].double() @ mean_x[kept]
+
+
+def obs_select(weight: torch.Tensor, gram: torch.Tensor, units: list[torch.Tensor], n_remove: int,
+               damp: float = 0.01, steps: int | None = 64) -> list[int]:
+    """Indices of the `n_remove` units (each a set of input columns) that structured OBS removes.
+
+    Greedy: at each step the unit(s) with the least saliency tr(W_u (H^-1_uu)^-1 W_u^T) go, then W and H^-1
+    are updated exactly for their removal. `steps` bounds the number of greedy rounds (SlimGPT-style batched
+    greedy for speed); `steps=None` removes one unit per round (pure greedy)."""
+    if n_remove <= 0:
+        return []
+    w = weight.double().clone()
+    h_inv = torch.linalg.inv(gram + ridge(gram, damp) * torch.eye(len(gram), dtype=gram.dtype))
+    alive = list(range(len(units)))
+    removed: list[int] = []
+    rounds = n_remove if steps is None else min(steps, n_remove)
+    single = all(len(u) == 1 for u in units)
+    for round_index in range(rounds):
+        take = -(-(n_remove - len(removed)) // (rounds - round_index))
+        if single:
+            cols = torch.stack([units[u][0] for u in alive])
+            saliency = (w[:, cols] ** 2).sum(0) / h_inv.diagonal()[cols]
+        else:
+            saliency = torch.stack([_block_saliency(w, h_inv, units[u]) for u in alive])
+        order = torch.argsort(saliency, stable=True)[:take].tolist()
+        chosen = [alive[i] for i in order]
+        cols = torch.cat([units[u] for u in chosen])
+        block_inv = torch.linalg.inv(h_inv[cols][:, cols])
+        w -= w[:, cols] @ block_inv @ h_inv[cols]
+        h_inv -= h_inv[:, cols] @ block_inv @ h_inv[cols]
+        w[:, cols] = 0
+        h_inv[cols] = 0
+        h_inv[:, cols] = 0
+        removed.extend(chosen)
+        alive = [u for u in alive if u not in set(chosen)]
+    return removed
+
+
+def _block_saliency(w: torch.Tensor, h_inv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    w_u = w[:, cols]
+    return torch.trace(w_u @ torch.linalg.solve(h_inv[cols][:, cols], w_u.T))
