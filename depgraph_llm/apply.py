@@ -12,6 +12,7 @@ from .coupling import CouplingGraph
 from .errors import UserError
 from .groups import GroupKind
 from .plan import PrunePlan, axis_masks
+from .slim_config import WIDTH_KEYS, is_uniform, make_heterogeneous, width_fields
 
 log = logging.getLogger(__name__)
 
@@ -145,24 +146,33 @@ def layer_widths(coupling: CouplingGraph, plan: PrunePlan | None = None) -> list
 
 
 def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> None:
+    """Stock config fields when every layer has the same widths and the stock validators accept them;
+    otherwise transformers' per_layer_config layout with our heterogeneous classes (slim_config.py)."""
     config = model.config
     widths = layer_widths(coupling, plan)
-    for key in ("mlp", "q_heads", "kv_heads"):
-        values = {row[key] for row in widths if key in row}
-        if len(values) > 1:
-            raise UserError(f"per-layer {key} widths differ ({sorted(values)}): this needs a heterogeneous "
-                            "checkpoint, which is not supported yet; use --schedule uniform")
     first = widths[0] if widths else {}
     if spec.head_dim_field and first.get("q_heads") is not None:
         head_dim = getattr(config, spec.head_dim_field, None) or config.hidden_size // getattr(config, spec.q_heads_field)
         setattr(config, spec.head_dim_field, head_dim)
-    if "mlp" in first:
-        setattr(config, spec.mlp_width_field, first["mlp"])
-    if "q_heads" in first:
-        setattr(config, spec.q_heads_field, first["q_heads"])
-        if spec.kv_heads_field:
-            setattr(config, spec.kv_heads_field, first["kv_heads"])
     hidden = coupling.of_kind(GroupKind.HIDDEN)
     if hidden and hidden[0].name in plan.keep:
         setattr(config, spec.hidden_field, len(plan.keep[hidden[0].name]))
     setattr(config, spec.layers_field, len(widths) if widths else getattr(config, spec.layers_field))
+    fields = width_fields(spec)
+    uniform = {fields[k]: first[k] for k in WIDTH_KEYS if k in first and fields[k]}
+    if is_uniform(widths) and _stock_accepts(config, uniform):
+        for field, value in uniform.items():
+            setattr(config, field, value)
+    else:
+        make_heterogeneous(model, spec, widths)
+
+
+def _stock_accepts(config, updates: dict[str, int]) -> bool:
+    try:
+        candidate = type(config)(**{**config.to_dict(), **updates})
+        validate = getattr(candidate, "validate", None)
+        if callable(validate):
+            validate()
+    except Exception:  # noqa: BLE001 - validators raise ValueError or huggingface_hub's own error types
+        return False
+    return True

@@ -114,10 +114,29 @@ def _model_type(path: Path) -> str | None:
         return None
 
 
+def register_heterogeneous(path: Path) -> None:
+    """If `path` is a heterogeneous depgraph-llm checkpoint, register our own classes for it, so it loads with
+    no remote code (the copy of the modeling file inside the checkpoint is never executed)."""
+    from models import heterogeneous
+
+    model_type = _model_type(path) or ""
+    if model_type.startswith(heterogeneous.PREFIX):
+        heterogeneous.register(model_type[len(heterogeneous.PREFIX):])
+
+
+def load_pruned(path: str | Path, **kwargs) -> nn.Module:
+    """Load any checkpoint depgraph-llm wrote (uniform or heterogeneous) without remote code."""
+    from transformers import AutoModelForCausalLM
+
+    register_heterogeneous(Path(path))
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+
+
 def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """Load an HF causal LM folder in fp32 on CPU with its tokenizer (safetensors; no remote code unless asked)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    register_heterogeneous(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as exc:

@@ -26,6 +26,7 @@ from recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUC
 from recovery.reconstruct import check_supported, reconstruct as reconstruct_layers
 from .plan import PrunePlan, axis_masks
 from .importance.depth import angular_distance, angular_distances, block_influence
+from .slim_config import copy_modeling_code, is_heterogeneous
 from .planning import RATIO_TOLERANCE, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,8 @@ def save_checkpoint(model, tokenizer, out: Path, plan: PrunePlan, report: dict, 
     """Write model (safetensors), config, tokenizer, prune_plan.json and prune_report.json atomically."""
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if is_heterogeneous(model.config):
+            copy_modeling_code(model.config, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "prune_plan.json").write_text(plan.to_json() + "\n")
         write_json(tmp / "prune_report.json", report)

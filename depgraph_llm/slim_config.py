@@ -1,0 +1,68 @@
+"""Configs for pruned models: stock fields for uniform widths, transformers' `per_layer_config` otherwise."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+
+from models import ArchSpec
+from models import heterogeneous
+
+MODELING_FILE = "modeling_depgraph.py"
+AUTO_MAP = {"AutoConfig": "modeling_depgraph.DepgraphConfig",
+            "AutoModelForCausalLM": "modeling_depgraph.DepgraphForCausalLM"}
+WIDTH_KEYS = ("mlp", "q_heads", "kv_heads")
+
+
+def width_fields(spec: ArchSpec) -> dict[str, str | None]:
+    """Config field of each per-layer width."""
+    return {"mlp": spec.mlp_width_field, "q_heads": spec.q_heads_field, "kv_heads": spec.kv_heads_field}
+
+
+def is_uniform(widths: list[dict[str, int]]) -> bool:
+    return all(len({row[k] for row in widths if k in row}) <= 1 for k in WIDTH_KEYS)
+
+
+def is_heterogeneous(config) -> bool:
+    return str(getattr(config, "model_type", "")).startswith(heterogeneous.PREFIX)
+
+
+def base_model_type(config_or_type) -> str:
+    model_type = config_or_type if isinstance(config_or_type, str) else config_or_type.model_type
+    return model_type[len(heterogeneous.PREFIX):] if model_type.startswith(heterogeneous.PREFIX) else model_type
+
+
+def make_heterogeneous(model: nn.Module, spec: ArchSpec, widths: list[dict[str, int]]) -> None:
+    """Give `model` a per_layer_config config (global fields keep the dense values) and the matching class."""
+    config = model.config
+    base = base_model_type(config)
+    config_class, model_class = heterogeneous.register(base)
+    data = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config"):
+        data.pop(key, None)
+    fields = width_fields(spec)
+    overrides: dict[int, dict[str, int]] = {}
+    for index, row in enumerate(widths):
+        layer = {fields[k]: row[k] for k in WIDTH_KEYS if k in row and fields[k] and row[k] != data.get(fields[k])}
+        if layer:
+            overrides[index] = layer
+    data["per_layer_config"] = overrides
+    new_config = config_class(**data)
+    new_config.architectures = [model_class.__name__]
+    new_config.auto_map = dict(AUTO_MAP)
+    new_config._attn_implementation = config._attn_implementation
+    model.config = new_config
+    for module in model.modules():
+        if getattr(module, "config", None) is config:
+            module.config = new_config
+    model.__class__ = model_class  # a subclass of the stock class with no state of its own
+
+
+def copy_modeling_code(config, folder: Path) -> None:
+    """Put the heterogeneous modeling file (bound to the base architecture) beside the weights."""
+    source = Path(heterogeneous.__file__).read_text()
+    bound = re.sub(r'^BASE_MODEL_TYPE = ".*"$', f'BASE_MODEL_TYPE = "{base_model_type(config)}"', source, count=1,
+                   flags=re.M)
+    (folder / MODELING_FILE).write_text(bound)
+

@@ -1,0 +1,80 @@
+"""Per-layer widths for a stock Hugging Face decoder: config + modeling classes that subclass the stock ones.
+
+The config uses transformers' own `per_layer_config` layout (a sparse map from layer index to the fields that
+differ from the global value), so the checkpoint becomes natively loadable once upstream modeling reads it.
+Until then this file is copied into every heterogeneous checkpoint and named in its `auto_map`, so
+`from_pretrained(dir, trust_remote_code=True)` works where depgraph-llm is not installed; with depgraph-llm,
+`depgraph_llm.load_pruned(dir)` registers the same classes locally and needs no remote code.
+
+This file must import nothing but torch and transformers. `BASE_MODEL_TYPE` is rewritten when it is copied.
+"""
+from __future__ import annotations
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+BASE_MODEL_TYPE = "llama"
+PREFIX = "depgraph_"
+_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (the one holding the most parameters)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def make_classes(base_model_type: str) -> tuple[type, type]:
+    """(config class, causal-LM class) of the heterogeneous variant of `base_model_type`."""
+    if base_model_type in _CLASSES:
+        return _CLASSES[base_model_type]
+    base_config = CONFIG_MAPPING[base_model_type]
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+
+    class HeterogeneousConfig(base_config):
+        model_type = PREFIX + base_model_type
+
+        def __init__(self, **kwargs):
+            # The global fields hold the dense model's values, which the stock validators accept; stock modeling
+            # code may read them (e.g. to size caches), so allow that: every layer is built from its own config.
+            self.__dict__["allow_global_per_layer_attribute_access"] = True
+            super().__init__(**kwargs)
+            for index in range(self.num_hidden_layers if self.is_heterogeneous else 0):
+                layer = self.per_layer_config[index]
+                q = getattr(layer, "num_attention_heads", None)
+                kv = getattr(layer, "num_key_value_heads", None) or q
+                if q and kv and q % kv:
+                    raise ValueError(f"layer {index}: {q} query heads do not split evenly over {kv} KV heads")
+
+    class HeterogeneousForCausalLM(base_model):
+        config_class = HeterogeneousConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            if config.is_heterogeneous:
+                layers = _decoder_layers(self)
+                layer_class = type(layers[0])
+                for index in range(len(layers)):
+                    layer_config = config.per_layer_config[index]
+                    layer_config._attn_implementation = config._attn_implementation  # a copy does not inherit it
+                    layers[index] = layer_class(layer_config, index)
+                self.post_init()
+
+    HeterogeneousConfig.__name__ = HeterogeneousConfig.__qualname__ = "DepgraphConfig"
+    HeterogeneousForCausalLM.__name__ = HeterogeneousForCausalLM.__qualname__ = "DepgraphForCausalLM"
+    _CLASSES[base_model_type] = (HeterogeneousConfig, HeterogeneousForCausalLM)
+    return _CLASSES[base_model_type]
+
+
+def register(base_model_type: str) -> tuple[type, type]:
+    """Make and register the classes with the Auto* factories (for loading without remote code)."""
+    config_class, model_class = make_classes(base_model_type)
+    if config_class.model_type not in CONFIG_MAPPING:
+        AutoConfig.register(config_class.model_type, config_class)
+        AutoModelForCausalLM.register(config_class, model_class)
+    return config_class, model_class
+
+
+DepgraphConfig, DepgraphForCausalLM = make_classes(BASE_MODEL_TYPE)

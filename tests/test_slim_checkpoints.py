@@ -1,0 +1,138 @@
+"""Slim checkpoints of every shape the planner can produce: save, reload (in-process without remote code, and in a
+fresh process where depgraph-llm is not importable, through the checkpoint's own remote code), identical logits
+and greedy generations."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from depgraph_llm import load_pruned
+from depgraph_llm.apply import apply_plan
+from depgraph_llm.coupling import build_coupling
+from depgraph_llm.pipeline import save_checkpoint
+from depgraph_llm.plan import PrunePlan
+from models import spec_for
+from tests.tiny import tiny_model, tiny_tokenizer
+
+PROMPT = torch.tensor([[5, 17, 33, 2, 90, 41, 7]])
+
+# plan shapes: (MLP widths per layer, query heads kept per KV group per layer, KV groups kept per layer, removed)
+SHAPES = {
+    "uniform": ([30, 30, 30], [2, 2, 2], [2, 2, 2], []),
+    "heterogeneous-mlp": ([30, 20, 37], [2, 2, 2], [2, 2, 2], []),
+    "heterogeneous-heads": ([37, 37, 37], [1, 2, 2], [2, 2, 2], []),
+    "gqa-dropped-kv-groups": ([37, 25, 37], [2, 2, 1], [2, 1, 1], []),
+    "dropped-layers": ([30, 37, 20], [2, 2, 2], [2, 2, 2], [1]),
+}
+
+
+def _plan(model, coupling, shape) -> PrunePlan:
+    mlp, q_per_kv, kv, removed = shape
+    keep, keep_nested = {}, {}
+    for group in coupling.groups:
+        if group.kind.value == "channels":
+            keep[group.name] = list(range(group.size))[::-1][:mlp[group.layer]][::-1]
+        if group.kind.value == "heads":
+            keep[group.name] = list(range(group.size))[-kv[group.layer]:]
+            keep_nested[group.nested.name] = [list(range(q_per_kv[group.layer]))] * group.size
+    params = sum(p.numel() for p in model.parameters())
+    return PrunePlan("", "llama", "test", "test", 0, 0.1, 1, params, 0, keep=keep, keep_nested=keep_nested,
+                     removed_layers=removed)
+
+
+def _greedy(model) -> torch.Tensor:
+    return model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=8, do_sample=False,
+                          pad_token_id=0)
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import importlib.util, sys
+    sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower() and "depgraph" not in repr(f).lower()]
+    sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[3]) and not p.startswith(sys.argv[3])]
+    assert importlib.util.find_spec("depgraph_llm") is None and importlib.util.find_spec("models") is None
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    prompt = torch.tensor([[5, 17, 33, 2, 90, 41, 7]])
+    with torch.no_grad():
+        logits = model(input_ids=prompt).logits
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0)
+    torch.save({"logits": logits, "generated": generated, "class": type(model).__name__}, sys.argv[2])
+""")
+
+
+def _fresh_process_outputs(folder, tmp_path) -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result_file = tmp_path / "fresh.pt"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(folder), str(result_file), root],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(result_file, weights_only=True)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_slim_checkpoint_round_trip(shape, tmp_path):
+    model = tiny_model(tie=shape == "uniform")
+    coupling = build_coupling(model)
+    plan = _plan(model, coupling, SHAPES[shape])
+    apply_plan(model, coupling, plan, spec_for("llama"))
+    plan.params_after = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        expected = model(input_ids=PROMPT).logits
+    expected_tokens = _greedy(model)
+    out = tmp_path / "slim"
+    save_checkpoint(model, tiny_tokenizer(), out, plan, {"test": shape}, overwrite=False)
+    config = json.loads((out / "config.json").read_text())
+    heterogeneous = shape not in ("uniform", "dropped-layers") or SHAPES[shape][0][0] != SHAPES[shape][0][2]
+    assert config["model_type"] == ("depgraph_llama" if heterogeneous else "llama")
+    assert ("auto_map" in config) == heterogeneous == (out / "modeling_depgraph.py").exists()
+    if heterogeneous:
+        assert config["per_layer_config"] and config["num_hidden_layers"] == 3 - len(SHAPES[shape][3])
+    else:
+        from transformers import AutoModelForCausalLM
+
+        stock = AutoModelForCausalLM.from_pretrained(out)  # plain loading, no remote code
+        assert torch.equal(stock(input_ids=PROMPT).logits, expected)
+    reloaded = load_pruned(out).eval()
+    assert sum(p.numel() for p in reloaded.parameters()) == plan.params_after
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=PROMPT).logits, expected)
+    assert torch.equal(_greedy(reloaded), expected_tokens)
+    fresh = _fresh_process_outputs(out, tmp_path)
+    assert torch.equal(fresh["logits"], expected) and torch.equal(fresh["generated"], expected_tokens)
+    if heterogeneous:
+        assert fresh["class"] == "DepgraphForCausalLM"
+
+
+def test_heterogeneous_model_saves_again_and_trains_with_lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    coupling = build_coupling(model)
+    plan = _plan(model, coupling, SHAPES["gqa-dropped-kv-groups"])
+    apply_plan(model, coupling, plan, spec_for("llama"))
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "a", plan, {}, overwrite=False)
+    first = load_pruned(tmp_path / "a").eval()
+    first.save_pretrained(tmp_path / "b")
+    second = load_pruned(tmp_path / "b").eval()
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=PROMPT).logits, second(input_ids=PROMPT).logits)
+    lora = get_peft_model(second, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(3):
+        loss = lora(input_ids=PROMPT, labels=PROMPT).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    merged = lora.merge_and_unload()
+    assert type(merged).__name__ == "DepgraphForCausalLM"
+    assert merged.model.layers[1].self_attn.k_proj.out_features == 12  # one KV group of head_dim 12 left
