@@ -19,8 +19,10 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, e.g. 0.25")
     parser.add_argument("--out", type=Path, help="output folder (default: ./<model>-pruned-<ratio>)")
     parser.add_argument("--importance", default="taylor", help="importance estimator (l2, l1, taylor, taylor-vector)")
-    parser.add_argument("--schedule", default="uniform", help="uniform (same widths in every layer) or depth "
-                        "(remove whole decoder layers, then trim widths uniformly to the exact ratio)")
+    parser.add_argument("--schedule", default="uniform", help="uniform (same widths in every layer); global (MLP "
+                        "channels ranked across layers on layer-normalised scores); log-increase (removed MLP "
+                        "fraction grows with depth, SlimGPT); depth (remove whole decoder layers, then trim widths "
+                        "uniformly to the exact ratio). Non-uniform widths save as a per_layer_config checkpoint")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
                         "angular (angular distance, one contiguous block)")
     parser.add_argument("--reconstruct", default="obs", help="retrain-free reconstruction of the layers that lose "
@@ -68,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cloze-items", type=int, default=300)
     evaluate.add_argument("--no-speed", action="store_true")
     evaluate.add_argument("--trust-remote-code", action="store_true")
+    info = sub.add_parser("info", help="per-layer widths, parameters and provenance of a checkpoint")
+    info.add_argument("folder", type=Path)
+    export = sub.add_parser("export-gguf", help="write a uniform Llama-family checkpoint as GGUF for llama.cpp")
+    export.add_argument("folder", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
+    export.add_argument("--dtype", default="f16", help="f16 (default) or f32")
+    export.add_argument("--overwrite", action="store_true")
     graph = sub.add_parser("graph", help="print the coupling groups of a model")
     graph.add_argument("model_pos", nargs="?", metavar="MODEL")
     graph.add_argument("--model", help="HF model folder or .gguf file (default: the embedded model)")
@@ -100,6 +109,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     result = run_apply(args.plan, args.model, args.out, args.overwrite, args.trust_remote_code)
     print(prune_summary(result.report, result.out))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import describe
+
+    print(describe(args.folder))
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+
+    print(f"wrote {export_gguf(args.folder, args.out, args.dtype, args.overwrite)}")
     return 0
 
 
@@ -139,7 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "apply": cmd_apply, "eval": cmd_eval, "graph": cmd_graph}
+COMMANDS = {"prune": cmd_prune, "apply": cmd_apply, "eval": cmd_eval, "graph": cmd_graph, "info": cmd_info,
+            "export-gguf": cmd_export_gguf}
 
 
 def main(argv: list[str] | None = None) -> int:

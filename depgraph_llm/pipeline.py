@@ -19,6 +19,7 @@ from .calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default
 from .checkpoint import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
 from .coupling import CouplingGraph, build_coupling
 from .errors import UserError
+from .groups import GroupKind
 from .importance import get_estimator, score_groups
 from .loading import load_model, resolve_model_path
 from recovery.bias_params import enable_zero_biases
@@ -26,13 +27,14 @@ from recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUC
 from recovery.reconstruct import check_supported, reconstruct as reconstruct_layers
 from .plan import PrunePlan, axis_masks
 from .importance.depth import angular_distance, angular_distances, block_influence
+from .schedules import NONUNIFORM, plan_nonuniform
 from .slim_config import copy_modeling_code, is_heterogeneous
 from .planning import RATIO_TOLERANCE, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
-SCHEDULES = ("uniform", "depth")
+SCHEDULES = ("uniform", "depth", *NONUNIFORM)
 DEPTH_METRICS = ("bi", "angular")
 
 
@@ -216,6 +218,8 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
                  "python": platform.python_version()},
         "source": {"path": str(model_path), "weights_sha256": source_hash, "model_type": plan.model_type},
         "importance": plan.estimator, "schedule": plan.schedule, "seed": plan.seed, "round_to": plan.round_to,
+        "reconstruct": plan.reconstruct if plan.reconstruct == "none" else f"{plan.reconstruct} ({plan.reconstruct_mode})",
+        "reconstruct_report": plan.reconstruct_report,
         "params_before": plan.params_before, "params_after": plan.params_after,
         "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
         "layer_widths_before": layer_widths(coupling), "layer_widths_after": layer_widths(coupling, plan),
@@ -280,12 +284,19 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
     with timer("plan"):
         params_after = counter.count({})
         keep, keep_nested = {}, {}
-        if schedule == "uniform" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
+        if schedule != "depth" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
             keep, keep_nested, params_after = plan_uniform(
                 coupling, counter, scores, ratio, round_to, lambda w: config_accepts(model, spec, w),
                 loss_scaled=estimator.loss_scaled, reference=params_before)
+        if schedule in NONUNIFORM:  # keep the uniform head counts, redistribute the MLP removal over layers
+            head_keep = {name: len(units) for name, units in keep.items()
+                         if name in {g.name for g in coupling.of_kind(GroupKind.HEADS)}}
+            head_keep.update({name: len(rows[0]) for name, rows in keep_nested.items()})
+            mlp_keep, params_after = plan_nonuniform(coupling, counter, scores, ratio, round_to, schedule, head_keep,
+                                                     params_before)
+            keep = {**{k: v for k, v in keep.items() if k in head_keep}, **mlp_keep}
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
-                     schedule=schedule if schedule == "uniform" else f"depth-{depth_metric}", seed=seed,
+                     schedule=f"depth-{depth_metric}" if schedule == "depth" else schedule, seed=seed,
                      ratio_requested=ratio, round_to=round_to, params_before=params_before,
                      params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers,
                      reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "")

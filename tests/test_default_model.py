@@ -42,3 +42,26 @@ def test_prune_default_model_quarter(default_dir, tmp_path):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 8
+
+
+def test_default_model_nonuniform_quarter_loads_both_ways(default_dir, tmp_path):
+    """25% with the log-increase schedule: a per_layer_config checkpoint whose perplexity after reloading (no
+    remote code) equals the in-memory pruned model's, and whose remote code gives the same logits in a fresh
+    process where depgraph-llm is not importable."""
+    from depgraph_llm import load_pruned
+    from tests.test_slim_checkpoints import _fresh_process_outputs
+
+    out = tmp_path / "slim"
+    result = run_prune(PruneOptions(ratio=0.25, out=out, schedule="log-increase", show_progress=False))
+    widths = [row["mlp"] for row in result.report["layer_widths_after"]]
+    assert len(set(widths)) > 1 and widths[0] > widths[-1]
+    model = load_pruned(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "DepgraphForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == result.report["params_after"]
+    reloaded = perplexity(model, tokenizer, load_text(default_files(DEFAULT_EVAL_FILES)), show_progress=False)
+    assert reloaded.perplexity == result.report["perplexity"]["after"]["perplexity"]
+    fresh = _fresh_process_outputs(out, tmp_path)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 17, 33, 2, 90, 41, 7]])).logits
+    assert torch.equal(fresh["logits"], logits)

@@ -136,3 +136,56 @@ def test_heterogeneous_model_saves_again_and_trains_with_lora(tmp_path):
     merged = lora.merge_and_unload()
     assert type(merged).__name__ == "DepgraphForCausalLM"
     assert merged.model.layers[1].self_attn.k_proj.out_features == 12  # one KV group of head_dim 12 left
+
+
+def test_gguf_export_round_trip(tmp_path):
+    """Export f32 and f16, read back with the gguf package (tensors, metadata) and with transformers' GGUF loader
+    (which undoes llama.cpp's rotary row order): f32 logits are identical, f16 within half precision."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from tests.cli_helpers import run_cli
+
+    model = tiny_model()
+    coupling = build_coupling(model)
+    plan = _plan(model, coupling, SHAPES["uniform"])
+    apply_plan(model, coupling, plan, spec_for("llama"))
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "slim", plan, {}, overwrite=False)
+    with torch.no_grad():
+        expected = model(input_ids=PROMPT).logits
+    for dtype, tolerance in (("f32", 0.0), ("f16", 2e-2)):
+        target = tmp_path / "slim" / f"model-{dtype}.gguf"
+        result = run_cli("export-gguf", str(tmp_path / "slim"), "--out", str(target), "--dtype", dtype)
+        assert result.returncode == 0, result.stderr[-2000:]
+        reader = gguf.GGUFReader(str(target))
+        fields = {f.name: f for f in reader.fields.values()}
+        assert int(fields["llama.feed_forward_length"].parts[-1][0]) == 30
+        assert int(fields["llama.block_count"].parts[-1][0]) == 3
+        by_name = {t.name: t for t in reader.tensors}
+        assert by_name["blk.0.ffn_up.weight"].shape.tolist() == [48, 30]  # GGUF lists dims fastest-first
+        assert len(by_name) == len(model.state_dict())
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "slim"), gguf_file=target.name,
+                                                      dtype=torch.float32)
+        with torch.no_grad():
+            gap = (loaded(input_ids=PROMPT).logits - expected).abs().max()
+        assert gap <= tolerance, (dtype, gap)
+
+
+def test_info_prints_widths_and_provenance(tmp_path):
+    from tests.cli_helpers import run_cli
+
+    model = tiny_model()
+    coupling = build_coupling(model)
+    plan = _plan(model, coupling, SHAPES["heterogeneous-mlp"])
+    apply_plan(model, coupling, plan, spec_for("llama"))
+    report = {"tool": {"version": "x"}, "source": {"path": "/src", "weights_sha256": "ab" * 32},
+              "importance": "taylor", "schedule": "log-increase", "ratio_achieved": 0.2, "params_before": 1}
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "slim", plan, report, overwrite=False)
+    result = run_cli("info", str(tmp_path / "slim"))
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    params = sum(p.numel() for p in model.parameters())
+    assert f"{params / 1e6:.2f}M parameters" in text and "heterogeneous per_layer_config" in text
+    widths = [line.split()[1] for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert widths == ["30", "20", "37"]
+    assert "schedule log-increase" in text and "importance taylor" in text

@@ -1,0 +1,131 @@
+"""Export a uniform Llama-family slim checkpoint to GGUF (f32/f16) so llama.cpp users can run it.
+
+Tensor names, metadata keys and the rotary row order of q/k follow llama.cpp's own HF converter (llama.cpp
+interleaves the two rotary halves; Hugging Face keeps them as blocks). Byte-level BPE tokenizers
+(tokenizer.json model type BPE) are written as llama.cpp's "gpt2" tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
+DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def _rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF rotate-half row order -> llama.cpp interleaved order, per head (llama.cpp's converter permutation)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _tensor_names(layers: int) -> dict[str, str]:
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(layers):
+        for hf, gg in parts.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    return names
+
+
+def _add_tokenizer(writer, folder: Path) -> None:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no tokenizer.json; GGUF export needs a fast BPE tokenizer")
+    data = json.loads(path.read_text())
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError(f"GGUF export supports byte-level BPE tokenizers; {path} is {model.get('type')!r}")
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    vocab.update(special)
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [5] * size  # 5 = unused until filled
+    for token, index in vocab.items():
+        tokens[index] = token
+        types[index] = 3 if token in special else 1  # 3 = control, 1 = normal
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("pad_token", writer.add_pad_token_id), ("unk_token", writer.add_unk_token_id)):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token in vocab:
+            add(vocab[token])
+
+
+def export_gguf(folder: Path, out: Path, dtype: str = "f16", overwrite: bool = False) -> Path:
+    """Write `folder` (a uniform slim checkpoint) as a GGUF file at `out`, atomically."""
+    import gguf
+    from safetensors.torch import load_file
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not available; choose f16 or f32")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite or choose another path")
+    config = json.loads((folder / "config.json").read_text())
+    arch = GGUF_ARCH.get(config.get("model_type"))
+    if arch is None:
+        hint = (" (heterogeneous widths: llama.cpp's llama architecture needs the same widths in every layer; "
+                "prune with --schedule uniform)" if "per_layer_config" in config else "")
+        raise UserError(f"GGUF export supports {sorted(GGUF_ARCH)}; {folder} is {config.get('model_type')!r}{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer_path = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(writer_path), arch)
+    try:
+        writer.add_name(folder.name)
+        writer.add_context_length(config.get("max_position_embeddings", 2048))
+        writer.add_embedding_length(config["hidden_size"])
+        writer.add_block_count(layers)
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        rope = config.get("rope_parameters") or {}
+        writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+        writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+        _add_tokenizer(writer, folder)
+        names = _tensor_names(layers)
+        for name, tensor in tensors.items():
+            if name not in names:
+                raise UserError(f"GGUF export does not know where {name} goes; only stock Llama tensors are supported")
+            if name.endswith("q_proj.weight"):
+                tensor = _rotary_rows(tensor, heads)
+            elif name.endswith("k_proj.weight"):
+                tensor = _rotary_rows(tensor, kv_heads)
+            # norms stay f32 as llama.cpp's converter keeps 1-D tensors
+            array = tensor.float().numpy().astype(DTYPES[dtype] if tensor.dim() > 1 else np.float32)
+            writer.add_tensor(names[name], array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(writer_path, out)
+    finally:
+        if writer_path.exists():
+            writer_path.unlink()
+    return out

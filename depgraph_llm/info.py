@@ -1,0 +1,69 @@
+"""`depgraph-llm info DIR`: per-layer widths, parameter count and provenance of a checkpoint, without loading it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from models import spec_for
+from .errors import UserError
+from .slim_config import base_model_type
+from .summary import table
+
+
+def checkpoint_params(folder: Path) -> int:
+    """Parameters stored in the folder's safetensors files (tied tensors are stored once)."""
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                total += _numel(handle.get_slice(name).get_shape())
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    out = 1
+    for size in shape:
+        out *= size
+    return out
+
+
+def layer_rows(config: dict) -> list[dict]:
+    """Per-layer widths from config.json (global values overridden by per_layer_config)."""
+    spec = spec_for(base_model_type(config.get("model_type", "")))
+    fields = {"mlp": spec.mlp_width_field, "q_heads": spec.q_heads_field, "kv_heads": spec.kv_heads_field}
+    overrides = {int(k): v for k, v in (config.get("per_layer_config") or {}).items()}
+    rows = []
+    for index in range(config.get(spec.layers_field, 0)):
+        layer = {**config, **overrides.get(index, {})}
+        rows.append({"layer": index, **{k: layer.get(f) for k, f in fields.items() if f}})
+    return rows
+
+
+def describe(folder: Path) -> str:
+    """The text `depgraph-llm info` prints."""
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json; pass a checkpoint folder")
+    config = json.loads((folder / "config.json").read_text())
+    rows = layer_rows(config)
+    layout = "heterogeneous per_layer_config" if config.get("per_layer_config") else "uniform"
+    lines = [f"{folder}: {config.get('model_type')} ({layout}), {len(rows)} layers, hidden {config.get('hidden_size')}, vocab {config.get('vocab_size')}, "
+             f"{checkpoint_params(folder) / 1e6:.2f}M parameters"]
+    lines.append(table([[r["layer"], r.get("mlp"), r.get("q_heads"), r.get("kv_heads")] for r in rows],
+                       ["layer", "MLP width", "query heads", "KV heads"]))
+    report_path = folder / "prune_report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        ppl = report.get("perplexity") or {}
+        before, after = (ppl.get(k) or {} for k in ("before", "after"))
+        source = report.get("source") or {}
+        lines.append(f"made by depgraph-llm {(report.get('tool') or {}).get('version')} from {source.get('path')} "
+                     f"(sha256 {str(source.get('weights_sha256'))[:12]}...): importance {report.get('importance')}, "
+                     f"schedule {report.get('schedule')}, reconstruct {report.get('reconstruct', 'none')}, "
+                     f"removed {report.get('ratio_achieved')} of {report.get('params_before')} parameters")
+        if before.get("perplexity") and after.get("perplexity"):
+            lines.append(f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
+    else:
+        lines.append("no prune_report.json: not written by depgraph-llm (or copied without it)")
+    return "\n".join(lines)
