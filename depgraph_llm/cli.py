@@ -18,11 +18,19 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, e.g. 0.25")
     parser.add_argument("--out", type=Path, help="output folder (default: ./<model>-pruned-<ratio>)")
-    parser.add_argument("--importance", default="taylor", help="importance estimator (l2, l1, taylor, taylor-vector)")
+    parser.add_argument("--importance", default="taylor", help="importance estimator: taylor (default), "
+                        "taylor-vector, fisher, obs, wanda-sp, flap, l1, l2, random (see docs/estimators.md)")
     parser.add_argument("--schedule", default="uniform", help="uniform (same widths in every layer); global (MLP "
                         "channels ranked across layers on layer-normalised scores); log-increase (removed MLP "
                         "fraction grows with depth, SlimGPT); depth (remove whole decoder layers, then trim widths "
-                        "uniformly to the exact ratio). Non-uniform widths save as a per_layer_config checkpoint")
+                        "uniformly to the exact ratio); layers[:A:B] (uniform widths only in layers A..B-1; default: "
+                        "all but the first and last). Non-uniform widths save as a per_layer_config checkpoint")
+    parser.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels removed per pruned layer")
+    parser.add_argument("--head-ratio", type=float, help="fraction of query heads removed per pruned layer")
+    parser.add_argument("--hidden-ratio", type=float, help="fraction of hidden (residual) channels removed")
+    parser.add_argument("--layers-removed", type=int, help="remove this many whole decoder layers (Block Influence)")
+    parser.add_argument("--tp-size", type=int, default=1, help="make head counts and widths divisible for this "
+                        "tensor-parallel size")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
                         "angular (angular distance, one contiguous block)")
     parser.add_argument("--reconstruct", default="obs", help="retrain-free reconstruction of the layers that lose "
@@ -94,7 +102,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
         schedule=args.schedule, depth_metric=args.depth_metric, reconstruct=args.reconstruct,
         reconstruct_mode=args.reconstruct_mode, calibration=args.calibration, eval_text=args.eval_text,
-        seed=args.seed, round_to=args.round_to,
+        seed=args.seed, round_to=args.round_to, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
+        hidden_ratio=args.hidden_ratio, layers_removed=args.layers_removed, tp_size=args.tp_size,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code)

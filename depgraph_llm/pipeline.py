@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,12 +30,42 @@ from .plan import PrunePlan, axis_masks
 from .importance.depth import angular_distance, angular_distances, block_influence
 from .schedules import NONUNIFORM, plan_nonuniform
 from .slim_config import copy_modeling_code, is_heterogeneous
-from .planning import RATIO_TOLERANCE, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
+from .planning import RATIO_TOLERANCE, Allocation, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
-SCHEDULES = ("uniform", "depth", *NONUNIFORM)
+SCHEDULES = ("uniform", "depth", *NONUNIFORM, "layers")
+
+
+def parse_schedule(schedule: str) -> tuple[str, tuple[int, int] | None]:
+    """"layers:A:B" -> ("layers", (A, B)); "layers" -> ("layers", None) (= keep the first and last layer)."""
+    name, _, rest = schedule.partition(":")
+    if name not in SCHEDULES or (rest and name != "layers"):
+        raise UserError(f"--schedule {schedule!r} is not available; choose one of: uniform, global, log-increase, "
+                        "depth, layers[:A:B]")
+    if not rest:
+        return name, None
+    try:
+        start, stop = (int(v) for v in rest.split(":"))
+    except ValueError:
+        raise UserError(f"--schedule {schedule!r}: write the layer range as layers:A:B (prune layers A..B-1)") from None
+    if not 0 <= start < stop:
+        raise UserError(f"--schedule {schedule!r}: need 0 <= A < B")
+    return name, (start, stop)
+
+
+def allocation_for(options_or_kwargs, layers: int) -> Allocation:
+    """The planner's per-kind constraints from the options (layer range defaults to all but first and last)."""
+    get = (options_or_kwargs.get if isinstance(options_or_kwargs, dict)
+           else lambda k, d=None: getattr(options_or_kwargs, k, d))
+    name, layer_range = parse_schedule(get("schedule", "uniform"))
+    if name == "layers" and layer_range is None:
+        layer_range = (1, layers - 1)
+    if layer_range is not None and layer_range[1] > layers:
+        raise UserError(f"--schedule layers:{layer_range[0]}:{layer_range[1]}: the model has {layers} layers")
+    return Allocation(mlp_ratio=get("mlp_ratio"), head_ratio=get("head_ratio"), hidden_ratio=get("hidden_ratio"),
+                      layers_removed=get("layers_removed"), layer_range=layer_range, tp_size=get("tp_size", 1) or 1)
 DEPTH_METRICS = ("bi", "angular")
 
 
@@ -48,6 +79,11 @@ class PruneOptions:
     importance: str = "taylor"
     schedule: str = "uniform"
     depth_metric: str = "bi"
+    mlp_ratio: float | None = None
+    head_ratio: float | None = None
+    hidden_ratio: float | None = None
+    layers_removed: int | None = None
+    tp_size: int = 1
     reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
     reconstruct_mode: str = "sequential"
     calibration: str | None = None
@@ -73,8 +109,18 @@ class PruneOptions:
             if getattr(self, name) < 1 or (name.endswith("seq_len") and getattr(self, name) < 2):
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small; pass a positive value")
         get_estimator(self.importance)
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule {self.schedule!r} is not available; choose one of: {', '.join(SCHEDULES)}")
+        for name in ("mlp_ratio", "head_ratio", "hidden_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} {value} is outside [0, 1); pass the fraction to remove")
+        if self.layers_removed is not None and self.layers_removed < 1:
+            raise UserError(f"--layers-removed {self.layers_removed} must be a positive number of layers")
+        if self.tp_size < 1:
+            raise UserError(f"--tp-size {self.tp_size} must be a positive integer")
+        if self.hidden_ratio and self.reconstruct != "none":
+            raise UserError("--hidden-ratio changes every layer's inputs, which reconstruction cannot follow; "
+                            "add --reconstruct none")
+        parse_schedule(self.schedule)
         if self.reconstruct not in RECONSTRUCTIONS:
             raise UserError(f"--reconstruct {self.reconstruct!r} is not available; choose one of: "
                             f"{', '.join(RECONSTRUCTIONS)}")
@@ -171,10 +217,12 @@ def run_prune(options: PruneOptions) -> PruneResult:
         source_hash = weights_hash(model_path)
     estimator = get_estimator(options.importance)
     cal_text, eval_text, cal_files, eval_files = _texts(options)
-    needs_calibration = estimator.needs_gradients or options.schedule == "depth" or options.reconstruct != "none"
+    needs_calibration = (estimator.needs_gradients or estimator.needs_calibration or options.schedule == "depth"
+                         or options.reconstruct != "none")
     with timer("calibration"):
         calibration = calibration_batches(model, tokenizer, cal_text, options) if needs_calibration else []
     params_before = sum(p.numel() for p in model.parameters())
+    allocation = allocation_for(options, getattr(model.config, spec_for(model.config.model_type).layers_field))
     ppl_before = None
     if options.evaluate and not options.dry_run:
         with timer("perplexity_before"):
@@ -184,7 +232,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
         plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                          options.seed, source_hash, options.show_progress, timer, apply=False,
                                          schedule=options.schedule, depth_metric=options.depth_metric,
-                                         reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode)
+                                         reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode,
+                                         allocation=allocation)
         report = plan_report(model_path, source_hash, coupling, plan, timer)
         report["dry_run"] = True
         report["estimated_checkpoint_bytes"] = plan.params_after * 4
@@ -194,7 +243,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
                                      options.seed, source_hash, options.show_progress, timer,
                                      schedule=options.schedule, depth_metric=options.depth_metric,
-                                     reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode)
+                                     reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode,
+                                     allocation=allocation)
     ppl_after = None
     if options.evaluate:
         with timer("perplexity_after"):
@@ -229,7 +279,7 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
 
 
 def _depth_plan(model, coupling: CouplingGraph, counter: ParamCounter, calibration: list[torch.Tensor], ratio: float,
-                metric: str) -> list[int]:
+                metric: str, count: int | None = None) -> list[int]:
     if coupling.layers_path is None:
         raise UserError("no decoder-layer list found in this model; depth pruning is not possible, use --schedule uniform")
     if not calibration:
@@ -238,7 +288,7 @@ def _depth_plan(model, coupling: CouplingGraph, counter: ParamCounter, calibrati
     influence = block_influence(model, layers, calibration)
     matrix = angular_distances(model, layers, calibration) if metric == "angular" else None
     return plan_depth(counter, influence, ratio, contiguous=metric == "angular",
-                      angular=lambda span: angular_distance(model, layers, calibration, span, matrix))
+                      angular=lambda span: angular_distance(model, layers, calibration, span, matrix), count=count)
 
 
 def couple_or_explain(model) -> CouplingGraph:
@@ -256,7 +306,8 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
                     seed: int = 0, source_hash: str = "", show_progress: bool = False,
                     timer: "_Timer | None" = None, apply: bool = True, schedule: str = "uniform",
                     depth_metric: str = "bi", reconstruct: str = "none",
-                    reconstruct_mode: str = "sequential") -> tuple[PrunePlan, "CouplingGraph"]:
+                    reconstruct_mode: str = "sequential",
+                    allocation: Allocation | None = None) -> tuple[PrunePlan, "CouplingGraph"]:
     """Trace, score, plan and physically prune `model` in place; returns the plan and coupling.
 
     schedule "uniform": same widths in every layer. "depth": remove whole decoder layers (Block Influence or
@@ -276,30 +327,39 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
     with timer("importance"):
         scores = score_groups(model, coupling.groups, estimator, lambda: calibration, show_progress)
     counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
+    layer_count = len(coupling.of_kind(GroupKind.LAYER))
+    allocation = allocation or allocation_for({"schedule": schedule}, layer_count)
+    schedule_name, _ = parse_schedule(schedule)
+    width_step = math.lcm(max(1, round_to), allocation.tp_size)
     removed_layers: list[int] = []
-    if schedule == "depth":
+    if schedule_name == "depth" or allocation.layers_removed:
         with timer("depth_importance"):
-            removed_layers = _depth_plan(model, coupling, counter, calibration, ratio, depth_metric)
+            removed_layers = _depth_plan(model, coupling, counter, calibration, ratio, depth_metric,
+                                         allocation.layers_removed)
         counter = counter.without_layers(frozenset(removed_layers))
     with timer("plan"):
         params_after = counter.count({})
         keep, keep_nested = {}, {}
-        if schedule != "depth" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
+        if schedule_name != "depth" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
             keep, keep_nested, params_after = plan_uniform(
-                coupling, counter, scores, ratio, round_to, lambda w: config_accepts(model, spec, w),
-                loss_scaled=estimator.loss_scaled, reference=params_before)
-        if schedule in NONUNIFORM:  # keep the uniform head counts, redistribute the MLP removal over layers
+                coupling, counter, scores, ratio, width_step, lambda w: config_accepts(model, spec, w),
+                loss_scaled=estimator.loss_scaled, reference=params_before, allocation=allocation)
+        if schedule_name in NONUNIFORM:  # keep the uniform head counts, redistribute the MLP removal over layers
             head_keep = {name: len(units) for name, units in keep.items()
                          if name in {g.name for g in coupling.of_kind(GroupKind.HEADS)}}
             head_keep.update({name: len(rows[0]) for name, rows in keep_nested.items()})
-            mlp_keep, params_after = plan_nonuniform(coupling, counter, scores, ratio, round_to, schedule, head_keep,
-                                                     params_before)
-            keep = {**{k: v for k, v in keep.items() if k in head_keep}, **mlp_keep}
+            hidden = {g.name for g in coupling.of_kind(GroupKind.HIDDEN)}
+            fixed = {k: v for k, v in keep.items() if k in head_keep or k in hidden}
+            mlp_keep, params_after = plan_nonuniform(coupling, counter, scores, ratio, width_step, schedule_name,
+                                                     {**head_keep, **{k: len(v) for k, v in fixed.items()
+                                                                      if k in hidden}}, params_before)
+            keep = {**fixed, **mlp_keep}
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
                      schedule=f"depth-{depth_metric}" if schedule == "depth" else schedule, seed=seed,
                      ratio_requested=ratio, round_to=round_to, params_before=params_before,
                      params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers,
-                     reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "")
+                     reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "",
+                     allocation={k: v for k, v in asdict(allocation).items() if v not in (None, 1)})
     check_supported(coupling, plan, reconstruct, reconstruct_mode)
     if not apply:
         return plan, coupling

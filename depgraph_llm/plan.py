@@ -32,6 +32,7 @@ class PrunePlan:
     reconstruct: str = "none"
     reconstruct_mode: str = ""
     reconstruct_report: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)
     format: int = PLAN_FORMAT
 
     @property

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,10 +89,41 @@ def width_candidates(size: int, round_to: int) -> list[int]:
     return sorted({w for w in range(step, size + 1, step)} | {size})
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """Per-kind constraints on top of --ratio (None = let the planner choose)."""
+
+    mlp_ratio: float | None = None      # fraction of MLP channels removed in every pruned layer
+    head_ratio: float | None = None     # fraction of query heads removed in every pruned layer
+    hidden_ratio: float | None = None   # fraction of hidden (residual stream) channels removed
+    layers_removed: int | None = None   # whole decoder layers removed (Block Influence)
+    layer_range: tuple[int, int] | None = None  # prune widths only in layers [start, stop)
+    tp_size: int = 1                    # head counts and widths divisible for tensor-parallel serving
+
+    def accepts(self, widths: Widths, q_total: int | None) -> bool:
+        """Do these uniform widths honour the head ratio and tensor-parallel divisibility?"""
+        q = None if widths.kv is None else widths.kv * (widths.q_per_kv or 1)
+        if self.head_ratio is not None and q is not None and q_total:
+            if q != max(1, round(q_total * (1 - self.head_ratio))):
+                return False
+        if self.tp_size > 1 and widths.kv is not None:
+            if q % self.tp_size or (widths.kv % self.tp_size and self.tp_size % widths.kv):
+                return False
+        return True
+
+    def mlp_width(self, size: int, round_to: int) -> int | None:
+        if self.mlp_ratio is None:
+            return None
+        step = max(1, round_to)
+        return int(min(size, max(step, step * round(size * (1 - self.mlp_ratio) / step))))
+
+
 def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[str, torch.Tensor], ratio: float,
                  round_to: int, is_valid: Callable[[Widths], bool],
-                 loss_scaled: bool = True, reference: int | None = None) -> tuple[dict, dict, int]:
-    """Same widths in every layer; returns (keep, keep_nested, params_after) hitting `ratio` within tolerance.
+                 loss_scaled: bool = True, reference: int | None = None,
+                 allocation: Allocation = Allocation()) -> tuple[dict, dict, int]:
+    """Same widths in every pruned layer; returns (keep, keep_nested, params_after) hitting `ratio` within
+    tolerance, under the per-kind constraints of `allocation`.
 
     `reference` is the parameter count the ratio is relative to (default: the counter's full model).
 
@@ -99,22 +131,34 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     the least total importance; otherwise the split whose removed fractions of attention and MLP parameters
     are closest (proportional pruning, as LLM-Pruner does with a single ratio)."""
     gone = counter.removed_layers
-    mlp = [g for g in coupling.of_kind(GroupKind.CHANNELS) if g.layer is not None and g.layer not in gone]
-    heads = [g for g in coupling.of_kind(GroupKind.HEADS) if g.layer is not None and g.layer not in gone]
+    start, stop = allocation.layer_range or (0, 1 << 30)
+
+    def pruned(g: Group) -> bool:
+        return g.layer is not None and g.layer not in gone and start <= g.layer < stop
+
+    mlp = [g for g in coupling.of_kind(GroupKind.CHANNELS) if pruned(g)]
+    heads = [g for g in coupling.of_kind(GroupKind.HEADS) if pruned(g)]
     if not mlp and not heads:
-        raise UserError("this model has no prunable MLP channels or attention heads; see `depgraph-llm graph`")
+        raise UserError("this model has no prunable MLP channels or attention heads in the chosen layers; "
+                        "see `depgraph-llm graph`")
     total = reference or counter.count({}, removed_layers=frozenset())
     target = total * (1.0 - ratio)
     mlp_size = min((g.size for g in mlp), default=None)
     kv_size = min((g.size for g in heads), default=None)
     q_size = min((g.nested.size for g in heads if g.nested), default=None)
+    q_total = (kv_size or 0) * (q_size or 1)
+    fixed_mlp = allocation.mlp_width(mlp_size, round_to) if mlp_size else None
+    base_keep = dict(_hidden_keep(coupling, scores, allocation, round_to, counter))
     attn_params = {s.param for g in heads for s in g.slices}
     attn_total = counter.count({}, only=attn_params) if heads else 1
     options = []
     for kv in range(1, (kv_size or 0) + 1) or [None]:
         for q in range(1, (q_size or 0) + 1) or [None]:
-            kept = _head_counts(heads, kv, q)
-            width, params_after = _search_mlp(counter, mlp, mlp_size, round_to, kept, target)
+            widths_heads = Widths(None, kv, q)
+            if not allocation.accepts(widths_heads, q_total):
+                continue
+            kept = {**base_keep, **_head_counts(heads, kv, q)}
+            width, params_after = _search_mlp(counter, mlp, mlp_size, round_to, kept, target, fixed_mlp)
             widths = Widths(width, kv, q)
             achieved = 1.0 - params_after / total
             if loss_scaled:
@@ -124,6 +168,9 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
                 mlp_frac = 0.0 if width is None else 1.0 - width / mlp_size
                 cost = abs(attn_frac - mlp_frac)
             options.append((abs(achieved - ratio) > RATIO_TOLERANCE, cost, abs(achieved - ratio), widths, params_after))
+    if not options:
+        raise UserError(f"no head count satisfies --head-ratio {allocation.head_ratio} / --tp-size "
+                        f"{allocation.tp_size} with {kv_size} KV groups of {q_size or 1} query heads")
     options.sort(key=lambda o: (o[0], o[1], o[2]))
     valid = [o for o in options if is_valid(o[3])]
     if not valid or valid[0][0]:
@@ -134,7 +181,26 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     widths, params_after = valid[0][3], valid[0][4]
     log.info("uniform widths: %s", widths)
     keep, keep_nested = select_units(mlp, heads, scores, widths)
+    for name, count in base_keep.items():
+        keep[name] = top_k(scores[name], count)
     return keep, keep_nested, params_after
+
+
+def _hidden_keep(coupling: CouplingGraph, scores, allocation: Allocation, round_to: int,
+                 counter: ParamCounter) -> dict[str, int]:
+    """Hidden channels kept under --hidden-ratio: a multiple of round_to, of the tensor-parallel size and of the
+    dense query-head count (stock validators check hidden % heads)."""
+    if allocation.hidden_ratio is None:
+        return {}
+    hidden = coupling.of_kind(GroupKind.HIDDEN)
+    if not hidden:
+        raise UserError("--hidden-ratio: this model has no prunable hidden dimension; see `depgraph-llm graph`")
+    group = hidden[0]
+    heads = coupling.of_kind(GroupKind.HEADS)
+    q_dense = heads[0].size * (heads[0].nested.size if heads[0].nested else 1) if heads else 1
+    step = math.lcm(max(1, round_to), max(1, allocation.tp_size), q_dense)
+    kept = max(step, step * round(group.size * (1 - allocation.hidden_ratio) / step))
+    return {group.name: min(group.size, kept)}
 
 
 def _head_counts(heads: list[Group], kv: int | None, q: int | None) -> dict[str, int]:
@@ -147,11 +213,11 @@ def _head_counts(heads: list[Group], kv: int | None, q: int | None) -> dict[str,
     return kept
 
 
-def _search_mlp(counter, mlp, mlp_size, round_to, kept, target) -> tuple[int | None, int]:
-    """Binary search the uniform MLP width whose parameter count is closest to target."""
+def _search_mlp(counter, mlp, mlp_size, round_to, kept, target, fixed: int | None = None) -> tuple[int | None, int]:
+    """Binary search the uniform MLP width whose parameter count is closest to target (or take `fixed`)."""
     if not mlp:
         return None, counter.count(kept)
-    candidates = width_candidates(mlp_size, round_to)
+    candidates = [fixed] if fixed is not None else width_candidates(mlp_size, round_to)
 
     def params(width: int) -> int:
         return counter.count({**kept, **{g.name: width for g in mlp}})
@@ -200,14 +266,18 @@ def select_units(mlp: list[Group], heads: list[Group], scores: dict[str, torch.T
 
 
 def plan_depth(counter: ParamCounter, layer_scores: torch.Tensor, ratio: float, contiguous: bool = False,
-               angular: Callable[[int], torch.Tensor] | None = None) -> list[int]:
+               angular: Callable[[int], torch.Tensor] | None = None, count: int | None = None) -> list[int]:
     """Decoder layers to remove: as many as fit in the budget (at least one layer kept).
 
     `layer_scores` (Block Influence) picks the lowest-scoring layers; with `contiguous`, `angular(n)` gives the
     distance of every n-layer block and the block with the smallest one goes.
     """
-    total = counter.count({}, removed_layers=frozenset())
     layers = len(layer_scores)
+    if count is not None:  # --layers-removed N
+        if count >= layers:
+            raise UserError(f"--layers-removed {count}: the model has {layers} layers; keep at least one")
+        return _depth_choice(layer_scores, count, contiguous, angular)
+    total = counter.count({}, removed_layers=frozenset())
     budget = total * (ratio + RATIO_TOLERANCE)
     count = 0
     while count + 1 < layers:

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: embedded SmolLM2-135M)")
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     parser.add_argument("--estimators", default=",".join(sorted(ESTIMATORS)))
-    parser.add_argument("--schedules", default="uniform", help="comma-separated width schedules")
+    parser.add_argument("--schedules", default="uniform,global,log-increase", help="comma-separated width schedules")
     parser.add_argument("--reconstruct-ratios", default=",".join(map(str, RECONSTRUCT_RATIOS)))
     parser.add_argument("--reconstruct-methods", default=",".join(m for m in METHODS if m != "none"))
     parser.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")

@@ -24,10 +24,24 @@ class Estimator:
     # True when a unit's score estimates the loss increase of removing it, so scores of different group kinds
     # (MLP channels vs heads) can be compared directly; magnitudes and random scores cannot.
     loss_scaled: bool = False
+    # True: only the slices where a unit enters a linear layer (its input columns) are scored, as in methods
+    # that score what a unit contributes downstream (Wanda-sp, FLAP, OBS, Fisher of a mask)
+    consumer_only: bool = False
+    needs_calibration: bool = False  # data needed even without gradients (activation statistics)
     summary: str = ""
+    cost: str = ""
 
-    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def prepare(self, model: nn.Module, batches: list[torch.Tensor], show_progress: bool) -> dict[str, object]:
+        """Per-parameter extra data (e.g. activation statistics) handed to `element_scores`; default none."""
+        return {}
+
+    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None, extra=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def unit_scores(self, model: nn.Module, groups: list[Group], batches: list[torch.Tensor],
+                    show_progress: bool) -> dict[str, torch.Tensor] | None:
+        """Override to score units directly (e.g. per-sample statistics); None = use element scores."""
+        return None
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
@@ -59,21 +73,20 @@ def score_groups(model: nn.Module, groups: list[Group], estimator: Estimator,
                  show_progress: bool = True) -> dict[str, torch.Tensor]:
     """Score every unit of every group: {group name: (size,) tensor, or (outer, size) for nested groups}."""
     params = dict(model.named_parameters())
+    if (estimator.needs_gradients or estimator.needs_calibration) and batches is None:
+        raise UserError(f"importance {estimator.name!r} needs calibration text; pass --calibration FILE")
+    direct = estimator.unit_scores(model, groups, list(batches()), show_progress) if batches is not None else None
+    if direct is not None:
+        return direct
+    extra = estimator.prepare(model, list(batches()), show_progress) if estimator.needs_calibration else {}
     if estimator.needs_gradients:
-        if batches is None:
-            raise UserError(f"importance {estimator.name!r} needs calibration text; pass --calibration FILE")
         accumulate_gradients(model, batches(), show_progress)
-    by_param: dict[str, list[tuple[str, Slice]]] = defaultdict(list)
-    for group in groups:
-        for g in (group, group.nested):
-            if g is not None:
-                for s in g.slices:
-                    by_param[s.param].append((g.name, s))
+    by_param = slices_by_param(model, groups, estimator.consumer_only)
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, uses in by_param.items():  # one parameter's element scores in memory at a time
             param = params[name]
-            element = estimator.element_scores(param.detach().float(), _grad(param))
+            element = estimator.element_scores(param.detach().float(), _grad(param), extra.get(name))
             for group_name, s in uses:
                 unit = s.unit_scores(element).double()
                 totals[group_name] = unit if group_name not in totals else totals[group_name] + unit
@@ -82,6 +95,26 @@ def score_groups(model: nn.Module, groups: list[Group], estimator: Estimator,
     if estimator.needs_gradients:
         model.zero_grad(set_to_none=True)
     return scores
+
+
+def consumer_slices(model: nn.Module) -> set[tuple[str, int]]:
+    """(weight name, 1) of every linear layer: where a unit enters a layer as input columns."""
+    return {(f"{name}.weight", 1) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def slices_by_param(model: nn.Module, groups: list[Group], consumer_only: bool) -> dict[str, list[tuple[str, Slice]]]:
+    """Parameter name -> [(group name, slice)] to score; with `consumer_only`, a group's input-column slices
+    (all its slices when it has none, e.g. vocabulary rows)."""
+    consumers = consumer_slices(model) if consumer_only else set()
+    by_param: dict[str, list[tuple[str, Slice]]] = defaultdict(list)
+    for group in groups:
+        for g in (group, group.nested):
+            if g is None:
+                continue
+            chosen = [s for s in g.slices if (s.param, s.axis) in consumers] if consumer_only else []
+            for s in chosen or g.slices:
+                by_param[s.param].append((g.name, s))
+    return by_param
 
 
 def _grad(param: torch.Tensor) -> torch.Tensor | None:

@@ -11,7 +11,7 @@ class L2(Estimator):
     name = "l2"
     summary = "squared L2 norm of the unit's weights over every coupled slice (magnitude pruning)"
 
-    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None, extra=None) -> torch.Tensor:
         return weight.pow(2)
 
 
@@ -20,5 +20,5 @@ class L1(Estimator):
     name = "l1"
     summary = "L1 norm of the unit's weights over every coupled slice"
 
-    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None, extra=None) -> torch.Tensor:
         return weight.abs()

@@ -11,5 +11,5 @@ class Random(Estimator):
     name = "random"
     summary = "uniform random scores per element, summed per unit: the floor every estimator must beat"
 
-    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None, extra=None) -> torch.Tensor:
         return torch.rand_like(weight)

@@ -13,7 +13,7 @@ class TaylorElement(Estimator):
     loss_scaled = True
     summary = "element-wise first-order Taylor: sum over the unit of |w * grad| (LLM-Pruner 'param_first')"
 
-    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None, extra=None) -> torch.Tensor:
         return (weight * grad).abs() if grad is not None else torch.zeros_like(weight)
 
 
@@ -25,5 +25,5 @@ class TaylorVector(Estimator):
     signed = True
     summary = "vector-wise first-order Taylor: |sum over the unit of w * grad| (LLM-Pruner 'vector')"
 
-    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def element_scores(self, weight: torch.Tensor, grad: torch.Tensor | None, extra=None) -> torch.Tensor:
         return weight * grad if grad is not None else torch.zeros_like(weight)
