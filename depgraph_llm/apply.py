@@ -12,6 +12,7 @@ from .coupling import CouplingGraph
 from .errors import UserError
 from .groups import GroupKind
 from .plan import PrunePlan, axis_masks
+from .vocab import remap_config_ids
 from .slim_config import WIDTH_KEYS, is_uniform, make_heterogeneous, width_fields
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,13 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
     if hidden and hidden[0].name in plan.keep:
         setattr(config, spec.hidden_field, len(plan.keep[hidden[0].name]))
     setattr(config, spec.layers_field, len(widths) if widths else getattr(config, spec.layers_field))
+    vocab = [plan.keep[g.name] for g in coupling.of_kind(GroupKind.VOCAB) if g.name in plan.keep]
+    if vocab:
+        mapping = {old: new for new, old in enumerate(vocab[0])}
+        config.vocab_size = len(vocab[0])
+        remap_config_ids(config, mapping)
+        if getattr(model, "generation_config", None) is not None:
+            remap_config_ids(model.generation_config, mapping)
     fields = width_fields(spec)
     uniform = {fields[k]: first[k] for k in WIDTH_KEYS if k in first and fields[k]}
     if is_uniform(widths) and _stock_accepts(config, uniform):

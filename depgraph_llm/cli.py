@@ -29,6 +29,8 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-ratio", type=float, help="fraction of query heads removed per pruned layer")
     parser.add_argument("--hidden-ratio", type=float, help="fraction of hidden (residual) channels removed")
     parser.add_argument("--layers-removed", type=int, help="remove this many whole decoder layers (Block Influence)")
+    parser.add_argument("--vocab-keep", type=int, help="keep this many tokens: those the tokenizer produces on "
+                        "the calibration text first; tokenizer and embeddings shrink together")
     parser.add_argument("--tp-size", type=int, default=1, help="make head counts and widths divisible for this "
                         "tensor-parallel size")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
@@ -104,6 +106,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         reconstruct_mode=args.reconstruct_mode, calibration=args.calibration, eval_text=args.eval_text,
         seed=args.seed, round_to=args.round_to, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
         hidden_ratio=args.hidden_ratio, layers_removed=args.layers_removed, tp_size=args.tp_size,
+        vocab_keep=args.vocab_keep,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code)

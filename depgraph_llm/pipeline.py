@@ -6,7 +6,8 @@ import math
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from recovery.reconstruct import check_supported, reconstruct as reconstruct_lay
 from .plan import PrunePlan, axis_masks
 from .importance.depth import angular_distance, angular_distances, block_influence
 from .schedules import NONUNIFORM, plan_nonuniform
+from .vocab import kept_token_ids, prune_tokenizer_files
 from .slim_config import copy_modeling_code, is_heterogeneous
 from .planning import RATIO_TOLERANCE, Allocation, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
@@ -84,6 +86,7 @@ class PruneOptions:
     hidden_ratio: float | None = None
     layers_removed: int | None = None
     tp_size: int = 1
+    vocab_keep: int | None = None
     reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
     reconstruct_mode: str = "sequential"
     calibration: str | None = None
@@ -115,6 +118,8 @@ class PruneOptions:
                 raise UserError(f"--{name.replace('_', '-')} {value} is outside [0, 1); pass the fraction to remove")
         if self.layers_removed is not None and self.layers_removed < 1:
             raise UserError(f"--layers-removed {self.layers_removed} must be a positive number of layers")
+        if self.vocab_keep is not None and self.vocab_keep < 1:
+            raise UserError(f"--vocab-keep {self.vocab_keep} must be a positive number of tokens")
         if self.tp_size < 1:
             raise UserError(f"--tp-size {self.tp_size} must be a positive integer")
         if self.hidden_ratio and self.reconstruct != "none":
@@ -217,12 +222,15 @@ def run_prune(options: PruneOptions) -> PruneResult:
         source_hash = weights_hash(model_path)
     estimator = get_estimator(options.importance)
     cal_text, eval_text, cal_files, eval_files = _texts(options)
-    needs_calibration = (estimator.needs_gradients or estimator.needs_calibration or options.schedule == "depth"
-                         or options.reconstruct != "none")
+    needs_calibration = (options.vocab_keep is not None and options.calibration == SELF_CALIBRATION
+                         or estimator.needs_gradients or estimator.needs_calibration or options.schedule == "depth"
+                         or options.reconstruct != "none" or options.layers_removed is not None)
     with timer("calibration"):
         calibration = calibration_batches(model, tokenizer, cal_text, options) if needs_calibration else []
     params_before = sum(p.numel() for p in model.parameters())
     allocation = allocation_for(options, getattr(model.config, spec_for(model.config.model_type).layers_field))
+    if options.vocab_keep:
+        allocation = replace(allocation, vocab_ids=tuple(_vocab_ids(model, tokenizer, cal_text, calibration, options)))
     ppl_before = None
     if options.evaluate and not options.dry_run:
         with timer("perplexity_before"):
@@ -245,6 +253,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
                                      schedule=options.schedule, depth_metric=options.depth_metric,
                                      reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode,
                                      allocation=allocation)
+    tokenizer = pruned_tokenizer(tokenizer, plan)
     ppl_after = None
     if options.evaluate:
         with timer("perplexity_after"):
@@ -259,6 +268,17 @@ def run_prune(options: PruneOptions) -> PruneResult:
         save_checkpoint(model, tokenizer, out, plan, report, options.overwrite)
     report["timings_s"] = timer.times
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+
+
+def _vocab_ids(model, tokenizer, cal_text: str | None, calibration: list[torch.Tensor],
+               options: PruneOptions) -> list[int]:
+    """Token ids --vocab-keep keeps, counted on the whole calibration corpus (or the self-generated windows)."""
+    if cal_text is not None:
+        ids = tokenizer(cal_text, add_special_tokens=False).input_ids
+    else:
+        ids = [int(t) for window in calibration for t in window.flatten()]
+    rows = model.get_input_embeddings().weight.shape[0]
+    return kept_token_ids(tokenizer, Counter(ids), options.vocab_keep, rows)
 
 
 def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, plan: PrunePlan, timer: _Timer) -> dict:
@@ -410,6 +430,7 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     coupling = couple_or_explain(loaded)
     with timer("apply"):
         apply_plan(loaded, coupling, plan, spec_for(loaded.config.model_type))
+    tokenizer = pruned_tokenizer(tokenizer, plan)
     if sum(p.numel() for p in loaded.parameters()) != plan.params_after:
         raise RuntimeError("internal error: replayed plan gave a different parameter count")
     report = plan_report(model_path, source_hash, coupling, plan, timer)
@@ -417,6 +438,27 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     with timer("save"):
         save_checkpoint(loaded, tokenizer, out, plan, report, overwrite)
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+
+
+def vocab_keep(plan: PrunePlan) -> list[int] | None:
+    """The token ids a plan keeps, if it prunes the vocabulary."""
+    vocab = [ids for name, ids in plan.keep.items() if name.endswith(".vocab")]
+    return vocab[0] if vocab else None
+
+
+def pruned_tokenizer(tokenizer, plan: PrunePlan):
+    """The tokenizer for the pruned model: itself, or (vocabulary pruning) a copy limited to the kept ids."""
+    kept = vocab_keep(plan)
+    if kept is None:
+        return tokenizer
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        prune_tokenizer_files(Path(folder), kept)
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def save_checkpoint(model, tokenizer, out: Path, plan: PrunePlan, report: dict, overwrite: bool) -> None:

@@ -99,6 +99,7 @@ class Allocation:
     layers_removed: int | None = None   # whole decoder layers removed (Block Influence)
     layer_range: tuple[int, int] | None = None  # prune widths only in layers [start, stop)
     tp_size: int = 1                    # head counts and widths divisible for tensor-parallel serving
+    vocab_ids: tuple[int, ...] | None = None  # token ids kept by --vocab-keep (vocab.py)
 
     def accepts(self, widths: Widths, q_total: int | None) -> bool:
         """Do these uniform widths honour the head ratio and tensor-parallel divisibility?"""
@@ -149,6 +150,8 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     q_total = (kv_size or 0) * (q_size or 1)
     fixed_mlp = allocation.mlp_width(mlp_size, round_to) if mlp_size else None
     base_keep = dict(_hidden_keep(coupling, scores, allocation, round_to, counter))
+    vocab_groups = [g.name for g in coupling.of_kind(GroupKind.VOCAB)] if allocation.vocab_ids else []
+    base_keep.update({name: len(allocation.vocab_ids) for name in vocab_groups})
     attn_params = {s.param for g in heads for s in g.slices}
     attn_total = counter.count({}, only=attn_params) if heads else 1
     options = []
@@ -182,7 +185,7 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     log.info("uniform widths: %s", widths)
     keep, keep_nested = select_units(mlp, heads, scores, widths)
     for name, count in base_keep.items():
-        keep[name] = top_k(scores[name], count)
+        keep[name] = list(allocation.vocab_ids) if name in vocab_groups else top_k(scores[name], count)
     return keep, keep_nested, params_after
 
 

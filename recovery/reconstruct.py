@@ -84,7 +84,7 @@ def check_supported(coupling: CouplingGraph, plan: PrunePlan, method: str, mode:
         return
     if coupling.layers_path is None:
         raise UserError("reconstruction runs layer by layer, but no decoder-layer list was found; use --reconstruct none")
-    for group in coupling.of_kind(GroupKind.HIDDEN) + coupling.of_kind(GroupKind.VOCAB):
+    for group in coupling.of_kind(GroupKind.HIDDEN):  # vocabulary pruning leaves kept tokens' activations as they are
         if group.name in plan.keep and len(plan.keep[group.name]) < group.size:
             raise UserError(f"--reconstruct {method} cannot follow {group.kind.value} pruning (it changes every "
                             "layer's inputs); use --reconstruct none")

@@ -69,3 +69,29 @@ def test_unreachable_per_kind_combination_is_one_clear_error(deep_checkpoint, tm
         run_prune(PruneOptions(model=str(deep_checkpoint), out=tmp_path / "x", ratio=0.05, mlp_ratio=0.9, **SMALL))
     with pytest.raises(UserError, match="layers:A:B"):
         PruneOptions(model=str(deep_checkpoint), ratio=0.2, schedule="layers:x").validate()
+
+
+def test_vocab_keep_shrinks_tokenizer_and_embeddings_together(deep_checkpoint, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "the software is provided as is, without warranty of any kind. you may copy and share it. " * 8
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    result, plan = _prune_and_replay(deep_checkpoint, tmp_path, ratio=0.3, vocab_keep=120, calibration=str(corpus))
+    out = tmp_path / "pruned"
+    old_tok, new_tok = AutoTokenizer.from_pretrained(deep_checkpoint), AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(new_tok) == 120 == model.config.vocab_size == model.get_input_embeddings().weight.shape[0]
+    kept = plan["keep"]["model.embed_tokens.vocab"]
+    assert len(kept) == 120 and abs(result.report["ratio_achieved"] - 0.3) <= 0.01
+    # the calibration text tokenizes to the same pieces (ids renumbered), and any text still tokenizes
+    old_ids, new_ids = old_tok(text).input_ids, new_tok(text).input_ids
+    mapping = {old: new for new, old in enumerate(kept)}
+    assert [mapping[i] for i in old_ids] == new_ids
+    assert new_tok.decode(new_tok("zebra quokka 42").input_ids).strip() == "zebra quokka 42"
+    assert new_tok.convert_ids_to_tokens(new_tok.eos_token_id) == old_tok.eos_token
+    assert model.config.eos_token_id == new_tok.eos_token_id
+    ids = torch.tensor([new_ids[:12]])
+    out_ids = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out_ids.shape[1] == 17 and int(out_ids.max()) < 120
