@@ -41,6 +41,10 @@ def mask_model(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan) -> No
 def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> nn.Module:
     """Physically remove what `plan` prunes from `model` (in place) and rewrite `model.config`."""
     masks = axis_masks(coupling, plan)
+    if not spec.hidden_prunable and any(g.name in plan.keep and len(plan.keep[g.name]) < g.size
+                                        for g in coupling.of_kind(GroupKind.HIDDEN)):
+        raise UserError(f"{model.config.model_type} cannot lose hidden channels: {spec.hidden_note}; prune MLP "
+                        "channels, heads or layers instead")
     params = dict(model.named_parameters())
     owners = _owners(model)
     by_param: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
@@ -59,7 +63,28 @@ def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec:
     _fix_attention_attrs(model, coupling, plan, spec)
     _remove_layers(model, coupling, plan, spec)
     _rewrite_config(model, coupling, plan, spec)
+    check_config_reproduces(model)
     return model
+
+
+def check_config_reproduces(model: nn.Module) -> None:
+    """Build the model class from the rewritten config (on the meta device) and compare every parameter shape
+    with the pruned model: a config that would load into different shapes is never written."""
+    try:
+        with torch.device("meta"):
+            rebuilt = type(model)(model.config)
+    except Exception as exc:  # noqa: BLE001 - config validators and modeling code raise many types
+        raise UserError(f"the pruned {model.config.model_type} cannot be described by its config "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); prune fewer kinds (e.g. no "
+                        "--hidden-ratio) or see docs/new-architecture.md") from exc
+    expected = {name: tuple(p.shape) for name, p in rebuilt.named_parameters()}
+    actual = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, shape in actual.items():
+        if expected.get(name) != shape:
+            raise UserError(f"the pruned {model.config.model_type} cannot be described by its config: {name} is "
+                            f"{shape} but the config builds {expected.get(name)}; this architecture derives that "
+                            "size from other fields (e.g. head_dim = hidden / heads), so prune other kinds or add "
+                            "the field to its models/ entry")
 
 
 def _fix_module_sizes(model: nn.Module) -> None:
@@ -69,6 +94,8 @@ def _fix_module_sizes(model: nn.Module) -> None:
             continue
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = weight.shape
+        elif weight.dim() == 2 and isinstance(getattr(module, "nf", None), int):  # transformers' Conv1D (GPT-2)
+            module.nx, module.nf = weight.shape
         elif isinstance(module, nn.Embedding):
             module.num_embeddings, module.embedding_dim = weight.shape
         elif isinstance(module, nn.LayerNorm):

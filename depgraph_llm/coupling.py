@@ -70,8 +70,21 @@ def build_coupling(model: nn.Module, trace: Trace | None = None) -> CouplingGrap
     slices_by_class, graph = _collect_slices(prop)
     output_classes = {prop.atoms.find(leaf) for atom in prop.output_atoms for leaf in prop.atoms.leaves(atom)}
     groups = _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, output_classes)
+    groups = [g for g in groups if g.kind != GroupKind.VOCAB or _is_token_rows(g, model, canonical)]
     groups += _layer_groups(model, layers_path)
     return CouplingGraph(graph, groups, layers_path, trace.seconds, sorted(prop.unknown_ops))
+
+
+def _is_token_rows(group: Group, model: nn.Module, canonical: dict[str, str]) -> bool:
+    """Vocabulary rows are those of the token embedding or the LM head; rows of a learned position table
+    (GPT-2, OPT) are indexed by position and are never pruned."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    token = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if weight is not None and id(weight) in names:
+            token.add(canonical.get(names[id(weight)], names[id(weight)]))
+    return any(s.param in token for s in group.slices)
 
 
 def _collect_slices(prop: Propagation) -> tuple[dict[int, list[tuple]], nx.Graph]:

@@ -93,7 +93,25 @@ class Propagation:
             self.unknown_ops.add(str(node.target))
             for syms in touched:
                 self.freeze(syms)
+            return self.frozen_syms(node)
         return self.data_syms(node)
+
+    def frozen_syms(self, node: Node) -> Syms | None:
+        """Outputs of an op without a rule: fresh atomic atoms, so whatever consumes these channels downstream
+        (e.g. the projection after a fused-qkv split) is kept whole too instead of looking unconstrained."""
+        value = node.meta.get("val")
+        if isinstance(value, (list, tuple)):  # e.g. split: one list of symbols per output tensor
+            return [self._atomic_dims(tuple(v.shape)) if isinstance(v, torch.Tensor) else None for v in value]
+        shape = tensor_shape(node)
+        return None if shape is None else self._atomic_dims(shape)
+
+    def _atomic_dims(self, shape: tuple[int, ...]) -> Syms:
+        syms: Syms = []
+        for size in shape:
+            atom = self.atoms.new(int(size))
+            self.atoms.mark_atomic(atom)
+            syms.append((atom,))
+        return syms
 
 
 def propagate(graph: torch.fx.Graph, param_names: dict[str, str]) -> Propagation:

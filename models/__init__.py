@@ -27,6 +27,9 @@ class ArchSpec:
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     # config switches that give linear layers a bias (FLAP-style compensation needs one on o_proj/down_proj)
     bias_switches: tuple[str, ...] = ("attention_bias", "mlp_bias")
+    # False when the modeling code derives something from hidden_size that pruning must not change
+    hidden_prunable: bool = True
+    hidden_note: str = ""
     # attribute on the attention module -> which count it holds: "q_heads", "kv_heads" or "q_per_kv"
     attention_attrs: dict[str, str] = field(default_factory=lambda: {
         "num_heads": "q_heads", "num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",

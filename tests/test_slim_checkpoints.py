@@ -50,30 +50,41 @@ def _greedy(model) -> torch.Tensor:
 
 
 FRESH_PROCESS = textwrap.dedent("""
-    import importlib.util, sys
+    import importlib.util, os, sys
     sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower() and "depgraph" not in repr(f).lower()]
     sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[3]) and not p.startswith(sys.argv[3])]
     assert importlib.util.find_spec("depgraph_llm") is None and importlib.util.find_spec("models") is None
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     prompt = torch.tensor([[5, 17, 33, 2, 90, 41, 7]])
-    with torch.no_grad():
-        logits = model(input_ids=prompt).logits
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
-                               pad_token_id=0)
-    torch.save({"logits": logits, "generated": generated, "class": type(model).__name__}, sys.argv[2])
+    results = {}
+    for folder in sys.argv[1].split(os.pathsep):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(input_ids=prompt).logits
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=int(sys.argv[4]),
+                                   do_sample=False, pad_token_id=0)
+        results[folder] = {"logits": logits, "generated": generated, "class": type(model).__name__}
+    torch.save(results, sys.argv[2])
 """)
 
 
-def _fresh_process_outputs(folder, tmp_path) -> dict:
+def fresh_process_outputs(folders, work_dir, new_tokens: int = 8) -> dict:
+    """Load each folder with plain `from_pretrained(trust_remote_code=True)` in one fresh process where
+    depgraph-llm is not importable; {folder: {"logits", "generated", "class"}}."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result_file = tmp_path / "fresh.pt"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(folder), str(result_file), root],
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    result_file = work_dir / "fresh.pt"
+    env = {**os.environ, "HF_MODULES_CACHE": str(work_dir / "hf_modules"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, os.pathsep.join(str(f) for f in folders),
+                             str(result_file), root, str(new_tokens)],
+                            capture_output=True, text=True, cwd=work_dir, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(result_file, weights_only=True)
+
+
+def _fresh_process_outputs(folder, work_dir) -> dict:
+    return fresh_process_outputs([folder], work_dir)[str(folder)]
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
