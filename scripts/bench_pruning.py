@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     parser.add_argument("--estimators", default=",".join(sorted(ESTIMATORS)))
     parser.add_argument("--schedules", default="uniform,global,log-increase", help="comma-separated width schedules")
+    parser.add_argument("--nonuniform-estimators", default="taylor,fisher,obs,wanda-sp,flap",
+                        help="estimators also run with the non-uniform schedules (magnitude and random are skipped)")
     parser.add_argument("--reconstruct-ratios", default=",".join(map(str, RECONSTRUCT_RATIOS)))
     parser.add_argument("--reconstruct-methods", default=",".join(m for m in METHODS if m != "none"))
     parser.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
@@ -97,26 +99,18 @@ def main() -> None:
     real = token_windows(tokenizer, load_text(default_files(DEFAULT_CALIBRATION_FILES)), 512, 8, 0)
     cache = ScoreCache()
     rows: list[dict] = []
+    model_name = str(resolve_model_path(args.model))
 
     def add(kind: str, label: str, row: dict) -> None:
         rows.append({"kind": kind, "method": label, **row})
         print(json.dumps(rows[-1]), flush=True)
+        (args.out / "results.json").parent.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps({"model": model_name, "rows": rows}, indent=1))
 
     add("dense", "dense", {"ratio": 0.0, "perplexity": perplexity(model, tokenizer, eval_text).perplexity,
                            "prune_s": 0.0, "calibration": "-"})
-    for ratio in ratios:
-        for estimator in args.estimators.split(","):
-            for schedule in args.schedules.split(","):
-                add("importance", f"{estimator} / {schedule}", measure(
-                    model, tokenizer, eval_text, cache, real, "real", ratio, importance=estimator, schedule=schedule))
-        for metric in ("bi", "angular"):
-            add("depth", f"depth-{metric} (taylor trim)", measure(
-                model, tokenizer, eval_text, cache, real, "real", ratio, importance="taylor", schedule="depth",
-                depth_metric=metric))
-        if not args.no_peer:
-            add("peer", "Torch-Pruning taylor (MLP only)", peer_row(model, tokenizer, eval_text, real, ratio))
     recon_ratios = [float(r) for r in args.reconstruct_ratios.split(",") if r]
-    if recon_ratios:
+    if recon_ratios:  # first: the retrain-free reconstruction rows (real vs self-generated calibration)
         start = time.perf_counter()
         generated = self_generated_windows(model, tokenizer, 512, 8, seed=0)
         print(f"self-generated calibration: {time.perf_counter() - start:.1f} s", flush=True)
@@ -130,7 +124,21 @@ def main() -> None:
                         add("reconstruct", f"taylor + {method} ({mode})", measure(
                             model, tokenizer, eval_text, cache, batches, name, ratio, importance="taylor",
                             reconstruct=method, reconstruct_mode=mode))
-    write_outputs(args.out, str(resolve_model_path(args.model)), rows)
+    nonuniform = [e for e in args.nonuniform_estimators.split(",") if e]
+    for ratio in ratios:
+        for estimator in args.estimators.split(","):
+            for schedule in args.schedules.split(","):
+                if schedule != "uniform" and estimator not in nonuniform:
+                    continue
+                add("importance", f"{estimator} / {schedule}", measure(
+                    model, tokenizer, eval_text, cache, real, "real", ratio, importance=estimator, schedule=schedule))
+        for metric in ("bi", "angular"):
+            add("depth", f"depth-{metric} (taylor trim)", measure(
+                model, tokenizer, eval_text, cache, real, "real", ratio, importance="taylor", schedule="depth",
+                depth_metric=metric))
+        if not args.no_peer:
+            add("peer", "Torch-Pruning taylor (MLP only)", peer_row(model, tokenizer, eval_text, real, ratio))
+    write_outputs(args.out, model_name, rows)
 
 
 def write_outputs(out: Path, model: str, rows: list[dict]) -> None:

@@ -161,3 +161,26 @@ def test_fused_projection_consumers_are_kept_whole():
     for group in coupling.groups:
         if group.kind in (GroupKind.CHANNELS, GroupKind.HEADS):
             assert "attn" not in group.name, group.name
+
+
+# Torch-Pruning cannot be compared on GPT-2 (HF Conv1D is not a layer type it knows) nor on Phi-3's MLP (fused
+# gate_up_proj, which both tools keep whole); its attention-group search does not finish on transformers 5.
+TP_COMPARABLE = sorted(set(ARCHITECTURES) - {"gpt2", "phi3"})
+
+
+@pytest.mark.parametrize("arch", TP_COMPARABLE)
+def test_mlp_groups_agree_with_torch_pruning(arch):
+    import torch_pruning as tp
+    from torch import nn
+
+    from tests.test_coupling import _tp_group
+
+    model = tiny_arch(arch)
+    coupling = build_coupling(model)
+    group = next(g for g in coupling.of_kind(GroupKind.CHANNELS) if g.layer == 1)
+    modules = dict(model.named_modules())
+    producer = next(s.param[:-len(".weight")] for s in group.slices if s.param.endswith(".weight") and s.axis == 0
+                    and isinstance(modules[s.param[:-len(".weight")]], nn.Linear))
+    theirs = _tp_group(model, modules[producer], tp.prune_linear_out_channels)
+    ours = {(s.param.rsplit(".", 1)[0], s.axis if s.param.endswith(".weight") else 0) for s in group.slices}
+    assert ours == theirs
