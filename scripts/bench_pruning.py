@@ -92,7 +92,11 @@ def main() -> None:
     parser.add_argument("--reconstruct-methods", default=",".join(m for m in METHODS if m != "none"))
     parser.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-pruning"))
+    parser.add_argument("--replot", action="store_true", help="only rewrite results.md and the plot from results.json")
     args = parser.parse_args()
+    if args.replot:
+        replot(args.out)
+        return
     ratios = [float(r) for r in args.ratios.split(",") if r]
     model, tokenizer = load_model(resolve_model_path(args.model))
     eval_text = load_text(default_files(DEFAULT_EVAL_FILES))
@@ -153,30 +157,51 @@ def write_outputs(out: Path, model: str, rows: list[dict]) -> None:
     markdown += "".join("| " + " | ".join(str(c) for c in row) + " |\n" for row in body)
     (out / "results.md").write_text(markdown)
     print(table(body, header))
-    plot(out / "perplexity_vs_ratio.png", rows, dense)
+    plot(out / "perplexity_vs_ratio.png", rows, dense, Path(model).name)
 
 
-def plot(path: Path, rows: list[dict], dense: float) -> None:
+def plot(path: Path, rows: list[dict], dense: float, model_name: str = "") -> None:
+    """Perplexity vs ratio: every estimator (uniform), the non-uniform schedules of the loss-based ones, depth,
+    the peer, and the sequential reconstructions on real text (the rest is in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def shown(r: dict) -> bool:
+        method = r["method"]
+        if r["kind"] == "reconstruct":
+            return r.get("calibration") == "real" and "(sequential)" in method
+        if r["kind"] == "importance" and not method.endswith("/ uniform"):
+            return method.split(" /")[0] in ("taylor", "fisher")
+        return r["kind"] in ("importance", "depth", "peer")
+
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        if "perplexity" in r and r["kind"] != "dense" and r.get("calibration") in ("real", "-"):
+        if "perplexity" in r and shown(r):
             series.setdefault(r["method"], []).append((r["ratio"], r["perplexity"]))
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for label, points in sorted(series.items()):
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    colors = plt.get_cmap("tab20").colors
+    styles = ["-", "--", ":", "-."]
+    for index, (label, points) in enumerate(sorted(series.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4, label=label,
+                color=colors[index % len(colors)], linestyle=styles[(index // len(colors)) % len(styles)],
+                linewidth=2.2 if "+" in label else 1.2)
     ax.axhline(dense, color="black", linestyle="--", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("fraction of parameters removed")
     ax.set_ylabel("perplexity (log scale)")
-    ax.legend(fontsize=7)
+    ax.set_title(f"{model_name}: no fine-tuning (thick lines: with reconstruction)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def replot(out: Path) -> None:
+    """Rewrite results.md and the plot from an existing results.json."""
+    data = json.loads((out / "results.json").read_text())
+    write_outputs(out, data["model"], data["rows"])
 
 
 if __name__ == "__main__":
