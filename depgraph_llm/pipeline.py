@@ -385,8 +385,11 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
         return plan, coupling
     if reconstruct != "none":
         with timer("reconstruct"):
+            # the model stays where it is; with a GPU, each decoder layer visits it in turn
+            device = torch.device("cuda") if torch.cuda.is_available() else None
             plan.reconstruct_report = reconstruct_layers(model, coupling, plan, calibration, reconstruct,
-                                                         reconstruct_mode, show_progress=show_progress).to_dict()
+                                                         reconstruct_mode, device=device,
+                                                         show_progress=show_progress).to_dict()
     with timer("apply"):
         apply_plan(model, coupling, plan, spec)
     actual = sum(p.numel() for p in model.parameters())

@@ -17,11 +17,29 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def _span(widths: list[dict], key: str) -> str:
+    """One width, or "first..last (min-max)" when the layers differ."""
+    values = [row[key] for row in widths if key in row]
+    if len(set(values)) <= 1:
+        return str(values[0]) if values else "-"
+    return f"{values[0]}..{values[-1]} per layer ({min(values)}-{max(values)})"
+
+
+def _reconstruction(report: dict) -> str:
+    method = report.get("reconstruct", "none")
+    detail = report.get("reconstruct_report") or {}
+    if method == "none" or not detail:
+        return method
+    return (f"{method}: {detail['consumers']} projections refitted, relative output error "
+            f"{detail['relative_error_before']:.3f} -> {detail['relative_error_after']:.3f} on calibration data")
+
+
 def prune_summary(report: dict, out: Path) -> str:
     """The table printed at the end of a prune run."""
     rows = [
         ["model", report["source"]["path"]],
         ["importance / schedule", f"{report['importance']} / {report['schedule']}"],
+        ["reconstruction", _reconstruction(report)],
         *([["mode", "dry run: nothing was written"]] if report.get("dry_run") else []),
         ["parameters", f"{_fmt_params(report['params_before'])} -> {_fmt_params(report['params_after'])}"],
         ["ratio requested / achieved", f"{report['ratio_requested']:.3f} / {report['ratio_achieved']:.3f}"],
@@ -31,7 +49,7 @@ def prune_summary(report: dict, out: Path) -> str:
         rows.append(["decoder layers", f"{len(before)} -> {len(after)}"])
     if before and after:
         keys = [k for k in ("mlp", "q_heads", "kv_heads") if k in before[0]]
-        rows.append(["layer widths " + "/".join(keys), " / ".join(f"{before[0][k]}->{after[0][k]}" for k in keys)])
+        rows.append(["layer widths " + "/".join(keys), " / ".join(f"{before[0][k]}->{_span(after, k)}" for k in keys)])
     ppl = report.get("perplexity") or {}
     if ppl.get("before") and ppl.get("after"):
         b, a = ppl["before"]["perplexity"], ppl["after"]["perplexity"]
