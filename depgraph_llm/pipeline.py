@@ -264,6 +264,9 @@ def run_prune(options: PruneOptions) -> PruneResult:
     report["perplexity"] = {"protocol": "evaluation/perplexity.py", "files": eval_files,
                             "before": ppl_before.to_dict() if ppl_before else None,
                             "after": ppl_after.to_dict() if ppl_after else None}
+    if vocab_keep(plan) is not None:
+        report["perplexity"]["note"] = ("after: per token of the pruned tokenizer, which may split the evaluation "
+                                        "text into more tokens than the source tokenizer; not strictly comparable")
     with timer("save"):
         save_checkpoint(model, tokenizer, out, plan, report, options.overwrite)
     report["timings_s"] = timer.times
