@@ -195,19 +195,21 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
             remap_config_ids(model.generation_config, mapping)
     fields = width_fields(spec)
     uniform = {fields[k]: first[k] for k in WIDTH_KEYS if k in first and fields[k]}
-    if is_uniform(widths) and _stock_accepts(config, uniform):
+    if is_uniform(widths) and stock_config_accepts(config, uniform):
         for field, value in uniform.items():
             setattr(config, field, value)
     else:
         make_heterogeneous(model, spec, widths)
 
 
-def _stock_accepts(config, updates: dict[str, int]) -> bool:
+def stock_config_accepts(config, updates: dict[str, int]) -> bool:
+    """Would the config's own class (and its validators, e.g. hidden % heads) accept these field updates?"""
     try:
         candidate = type(config)(**{**config.to_dict(), **updates})
         validate = getattr(candidate, "validate", None)
         if callable(validate):
             validate()
-    except Exception:  # noqa: BLE001 - validators raise ValueError or huggingface_hub's own error types
+    except Exception as exc:  # noqa: BLE001 - validators raise ValueError or huggingface_hub's own error types
+        log.debug("config rejects %s: %s", updates, exc)
         return False
     return True

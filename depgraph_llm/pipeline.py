@@ -15,7 +15,7 @@ import torch
 from evaluation.perplexity import perplexity
 from models import nearest_supported, spec_for
 from . import __version__
-from .apply import apply_plan, layer_widths
+from .apply import apply_plan, layer_widths, stock_config_accepts
 from .calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text,
                           self_generated_windows, token_windows)
 from .checkpoint import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
@@ -27,7 +27,7 @@ from .loading import load_model, resolve_model_path
 from recovery.bias_params import enable_zero_biases
 from recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUCT_MODES
 from recovery.reconstruct import check_supported, reconstruct as reconstruct_layers
-from .plan import PrunePlan, axis_masks
+from .plan import PrunePlan
 from .importance.depth import angular_distance, angular_distances, block_influence
 from .schedules import NONUNIFORM, plan_nonuniform
 from .vocab import kept_token_ids, prune_tokenizer_files
@@ -199,15 +199,7 @@ def config_accepts(model, spec, widths: Widths) -> bool:
         updates[spec.q_heads_field] = q_heads
         if spec.kv_heads_field and getattr(config, spec.kv_heads_field, None) is not None:
             updates[spec.kv_heads_field] = widths.kv
-    try:
-        candidate = type(config)(**{**config.to_dict(), **updates})
-        validate = getattr(candidate, "validate", None)
-        if callable(validate):
-            validate()
-    except Exception as exc:  # noqa: BLE001 - validators raise ValueError or huggingface_hub's own error types
-        log.debug("config rejects %s: %s", widths, exc)
-        return False
-    return True
+    return stock_config_accepts(config, updates)
 
 
 def run_prune(options: PruneOptions) -> PruneResult:

@@ -90,9 +90,8 @@ def check_supported(coupling: CouplingGraph, plan: PrunePlan, method: str, mode:
                             "layer's inputs); use --reconstruct none")
 
 
-def _consumers(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, layer_prefix: str,
-               masks: dict[tuple[str, int], torch.Tensor], reselect: bool) -> list[_Consumer]:
-    modules = dict(model.named_modules())
+def _slices_by_axis(coupling: CouplingGraph) -> dict[tuple[str, int], list]:
+    """(param, axis) -> [(group, group or its nested group, slice)] for every slice of every group."""
     touching: dict[tuple[str, int], list] = {}
     for group in coupling.groups:
         for g in (group, group.nested):
@@ -100,6 +99,11 @@ def _consumers(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, layer
                 continue
             for s in g.slices:
                 touching.setdefault((s.param, s.axis), []).append((group, g, s))
+    return touching
+
+
+def _consumers(modules: dict[str, nn.Module], touching: dict[tuple[str, int], list], layer_prefix: str,
+               masks: dict[tuple[str, int], torch.Tensor], reselect: bool) -> list[_Consumer]:
     consumers = []
     for (param, axis), keep in masks.items():
         module_name, _, attr = param.rpartition(".")
@@ -133,6 +137,7 @@ def reconstruct(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, batc
         raise UserError(f"--reconstruct {method} needs calibration text; pass --calibration FILE or self")
     layers: nn.ModuleList = model.get_submodule(coupling.layers_path)
     masks = axis_masks(coupling, plan)
+    modules, touching = dict(model.named_modules()), _slices_by_axis(coupling)
     inputs = capture_layer_inputs(model, layers, batches)
     stream = inputs.hidden
     removed_layers = set(plan.removed_layers)
@@ -146,7 +151,7 @@ def reconstruct(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, batc
             if mode == "local":  # the pruned model skips this layer; the dense stream goes through it
                 stream = run_layer(layer, stream, arguments, device)
             continue
-        consumers = _consumers(model, coupling, plan, f"{coupling.layers_path}.{index}.", masks, method == "obs")
+        consumers = _consumers(modules, touching, f"{coupling.layers_path}.{index}.", masks, method == "obs")
         dense_next = _gather(layer, consumers, stream, arguments, device)
         for consumer in consumers:
             before, after = _solve(consumer, method, damp, plan)
