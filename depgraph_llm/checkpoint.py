@@ -75,3 +75,20 @@ def weights_hash(model_dir: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_checkpoint_config(folder: Path) -> dict:
+    """config.json of a checkpoint folder, or a one-line error naming what is wrong."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no config.json; pass a checkpoint folder")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}; fix or replace config.json") from exc
+
+
+def corrupt_weights_error(folder: Path, exc: Exception) -> UserError:
+    """The one-line error for unreadable safetensors files."""
+    return UserError(f"cannot read the weights in {folder} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                     "the checkpoint must contain complete .safetensors files")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import corrupt_weights_error, read_checkpoint_config
 from .errors import UserError
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
@@ -78,15 +79,18 @@ def export_gguf(folder: Path, out: Path, dtype: str = "f16", overwrite: bool = F
         raise UserError(f"--dtype {dtype!r} is not available; choose f16 or f32")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another path")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_checkpoint_config(folder)
     arch = GGUF_ARCH.get(config.get("model_type"))
     if arch is None:
         hint = (" (heterogeneous widths: llama.cpp's llama architecture needs the same widths in every layer; "
                 "prune with --schedule uniform)" if "per_layer_config" in config else "")
         raise UserError(f"GGUF export supports {sorted(GGUF_ARCH)}; {folder} is {config.get('model_type')!r}{hint}")
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
+    try:
+        for file in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise corrupt_weights_error(folder, exc) from exc
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads

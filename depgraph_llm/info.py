@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from models import spec_for
-from .errors import UserError
+from .checkpoint import corrupt_weights_error, read_checkpoint_config
 from .slim_config import base_model_type
 from .summary import table
 
@@ -15,10 +15,13 @@ from .summary import table
 def checkpoint_params(folder: Path) -> int:
     """Parameters stored in the folder's safetensors files (tied tensors are stored once)."""
     total = 0
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                total += _numel(handle.get_slice(name).get_shape())
+    try:
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    total += _numel(handle.get_slice(name).get_shape())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise corrupt_weights_error(folder, exc) from exc
     return total
 
 
@@ -43,9 +46,7 @@ def layer_rows(config: dict) -> list[dict]:
 
 def describe(folder: Path) -> str:
     """The text `depgraph-llm info` prints."""
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json; pass a checkpoint folder")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_checkpoint_config(folder)
     rows = layer_rows(config)
     layout = "heterogeneous per_layer_config" if config.get("per_layer_config") else "uniform"
     lines = [f"{folder}: {config.get('model_type')} ({layout}), {len(rows)} layers, hidden {config.get('hidden_size')}, vocab {config.get('vocab_size')}, "

@@ -200,3 +200,19 @@ def test_info_prints_widths_and_provenance(tmp_path):
     widths = [line.split()[1] for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert widths == ["30", "20", "37"]
     assert "schedule log-increase" in text and "importance taylor" in text
+
+
+def test_info_and_export_refuse_bad_folders_in_one_line(tmp_path):
+    from tests.cli_helpers import one_line_error, run_cli
+
+    assert "no config.json" in one_line_error(run_cli("info", str(tmp_path / "missing")))
+    assert "no config.json" in one_line_error(run_cli("export-gguf", str(tmp_path / "missing"), "--out",
+                                                      str(tmp_path / "x.gguf")))
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "damaged")
+    weights = tmp_path / "damaged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for args in (("info", str(tmp_path / "damaged")),
+                 ("export-gguf", str(tmp_path / "damaged"), "--out", str(tmp_path / "d.gguf"))):
+        assert "cannot read the weights" in one_line_error(run_cli(*args))
+    assert not (tmp_path / "d.gguf").exists() and not list(tmp_path.glob(".d.gguf*"))
