@@ -12,6 +12,7 @@ from .coupling import CouplingGraph
 from .errors import UserError
 from .groups import GroupKind
 from .plan import PrunePlan, axis_masks
+from .overrides import make_reproducible
 from .vocab import remap_config_ids
 from .slim_config import WIDTH_KEYS, is_uniform, make_heterogeneous, width_fields
 
@@ -41,10 +42,7 @@ def mask_model(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan) -> No
 def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> nn.Module:
     """Physically remove what `plan` prunes from `model` (in place) and rewrite `model.config`."""
     masks = axis_masks(coupling, plan)
-    if not spec.hidden_prunable and any(g.name in plan.keep and len(plan.keep[g.name]) < g.size
-                                        for g in coupling.of_kind(GroupKind.HIDDEN)):
-        raise UserError(f"{model.config.model_type} cannot lose hidden channels: {spec.hidden_note}; prune MLP "
-                        "channels, heads or layers instead")
+    dense_fields = {f: getattr(model.config, f) for f in _width_field_names(spec) if hasattr(model.config, f)}
     params = dict(model.named_parameters())
     owners = _owners(model)
     by_param: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
@@ -60,31 +58,26 @@ def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec:
         for module, attr in owners[id(old)]:
             setattr(module, attr, new)
     _fix_module_sizes(model)
+    hidden_change = _hidden_change(coupling, plan)
+    if spec.after_hidden_pruning and hidden_change:
+        spec.after_hidden_pruning(model, *hidden_change)
     _fix_attention_attrs(model, coupling, plan, spec)
     _remove_layers(model, coupling, plan, spec)
-    _rewrite_config(model, coupling, plan, spec)
-    check_config_reproduces(model)
+    widths = _rewrite_config(model, coupling, plan, spec)
+    make_reproducible(model, spec, widths, dense_fields)
     return model
 
 
-def check_config_reproduces(model: nn.Module) -> None:
-    """Build the model class from the rewritten config (on the meta device) and compare every parameter shape
-    with the pruned model: a config that would load into different shapes is never written."""
-    try:
-        with torch.device("meta"):
-            rebuilt = type(model)(model.config)
-    except Exception as exc:  # noqa: BLE001 - config validators and modeling code raise many types
-        raise UserError(f"the pruned {model.config.model_type} cannot be described by its config "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); prune fewer kinds (e.g. no "
-                        "--hidden-ratio) or see docs/new-architecture.md") from exc
-    expected = {name: tuple(p.shape) for name, p in rebuilt.named_parameters()}
-    actual = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    for name, shape in actual.items():
-        if expected.get(name) != shape:
-            raise UserError(f"the pruned {model.config.model_type} cannot be described by its config: {name} is "
-                            f"{shape} but the config builds {expected.get(name)}; this architecture derives that "
-                            "size from other fields (e.g. head_dim = hidden / heads), so prune other kinds or add "
-                            "the field to its models/ entry")
+def _hidden_change(coupling: CouplingGraph, plan: PrunePlan) -> tuple[int, int] | None:
+    """(old, new) hidden width when the plan removes hidden channels."""
+    hidden = coupling.of_kind(GroupKind.HIDDEN)
+    if not hidden or len(plan.keep.get(hidden[0].name, range(hidden[0].size))) == hidden[0].size:
+        return None
+    return hidden[0].size, len(plan.keep[hidden[0].name])
+
+
+def _width_field_names(spec: ArchSpec) -> list[str]:
+    return [f for f in (spec.mlp_width_field, spec.q_heads_field, spec.kv_heads_field, spec.head_dim_field) if f]
 
 
 def _fix_module_sizes(model: nn.Module) -> None:
@@ -115,7 +108,7 @@ def head_counts(coupling: CouplingGraph, plan: PrunePlan) -> dict[int, dict[str,
         else:
             q_per_kv = 1
         counts[group.layer] = {"kv_heads": kv, "q_per_kv": q_per_kv, "q_heads": kv * q_per_kv,
-                               "module": group.name.rsplit(".", 1)[0]}
+                               "q_width": kv * q_per_kv * group.unit_width, "module": group.name.rsplit(".", 1)[0]}
     return counts
 
 
@@ -168,12 +161,12 @@ def layer_widths(coupling: CouplingGraph, plan: PrunePlan | None = None) -> list
             if g.layer == layer and g.kind == GroupKind.CHANNELS:
                 row["mlp"] = len(plan.keep.get(g.name, range(g.size)))
         if layer in heads:
-            row.update({k: v for k, v in heads[layer].items() if k != "module"})
+            row.update({k: v for k, v in heads[layer].items() if k not in ("module", "q_width")})
         widths.append(row)
     return widths
 
 
-def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> None:
+def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> list[dict]:
     """Stock config fields when every layer has the same widths and the stock validators accept them;
     otherwise transformers' per_layer_config layout with our heterogeneous classes (slim_config.py)."""
     config = model.config
@@ -184,13 +177,19 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
         setattr(config, spec.head_dim_field, head_dim)
     hidden = coupling.of_kind(GroupKind.HIDDEN)
     if hidden and hidden[0].name in plan.keep:
-        setattr(config, spec.hidden_field, len(plan.keep[hidden[0].name]))
+        old_hidden = getattr(config, spec.hidden_field)
+        for field in (spec.hidden_field, *spec.hidden_alias_fields):
+            if getattr(config, field, None) == old_hidden:
+                setattr(config, field, len(plan.keep[hidden[0].name]))
     setattr(config, spec.layers_field, len(widths) if widths else getattr(config, spec.layers_field))
     vocab = [plan.keep[g.name] for g in coupling.of_kind(GroupKind.VOCAB) if g.name in plan.keep]
     if vocab:
         mapping = {old: new for new, old in enumerate(vocab[0])}
         config.vocab_size = len(vocab[0])
         remap_config_ids(config, mapping)
+        embedding = model.get_input_embeddings()
+        if getattr(embedding, "padding_idx", None) is not None:
+            embedding.padding_idx = mapping.get(embedding.padding_idx)
         if getattr(model, "generation_config", None) is not None:
             remap_config_ids(model.generation_config, mapping)
     fields = width_fields(spec)
@@ -200,6 +199,7 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
             setattr(config, field, value)
     else:
         make_heterogeneous(model, spec, widths)
+    return widths
 
 
 def stock_config_accepts(config, updates: dict[str, int]) -> bool:

@@ -80,7 +80,8 @@ def _is_token_rows(group: Group, model: nn.Module, canonical: dict[str, str]) ->
     (GPT-2, OPT) are indexed by position and are never pruned."""
     names = {id(p): n for n, p in model.named_parameters()}
     token = set()
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+    getters = (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None))
+    for module in (getter() for getter in getters if getter is not None):
         weight = getattr(module, "weight", None)
         if weight is not None and id(weight) in names:
             token.add(canonical.get(names[id(weight)], names[id(weight)]))
@@ -88,23 +89,29 @@ def _is_token_rows(group: Group, model: nn.Module, canonical: dict[str, str]) ->
 
 
 def _collect_slices(prop: Propagation) -> tuple[dict[int, list[tuple]], nx.Graph]:
-    """For every atom class, the (param, axis, factors, position) places where it appears."""
+    """For every atom class, the (param, axis, factors, position, offset, extent) places where it appears; offset
+    and extent locate a segment of a fused axis (0 and the axis length otherwise)."""
     atoms = prop.atoms
     by_class: dict[int, list[tuple]] = defaultdict(list)
     graph = nx.Graph()
     for (param, axis), atom in prop.param_axes.items():
-        leaves = atoms.leaves(atom)
-        factors = tuple(atoms.size[leaf] for leaf in leaves)
-        graph.add_node((param, axis), size=atoms.size[atoms.find(atom)], factors=factors)
-        for position, leaf in enumerate(leaves):
-            by_class[atoms.find(leaf)].append((param, axis, factors, position))
+        extent = atoms.size[atoms.find(atom)]
+        segments = atoms.segment_leaves(atom)
+        graph.add_node((param, axis), size=extent,
+                       factors=tuple(tuple(atoms.size[leaf] for leaf in atoms.leaves(seg)) for _, seg in segments))
+        for offset, segment in segments:
+            leaves = atoms.leaves(segment)
+            factors = tuple(atoms.size[leaf] for leaf in leaves)
+            for position, leaf in enumerate(leaves):
+                by_class[atoms.find(leaf)].append((param, axis, factors, position, offset, extent))
     for root, places in by_class.items():
         mapping = "repeat" if atoms.is_repeat[root] else "identity"
         for i in range(1, len(places)):
             a, b = places[0], places[i]
             if mapping == "identity" and (len(a[2]) > 1 or len(b[2]) > 1):
                 mapping = "block"
-            graph.add_edge(a[:2], b[:2], mapping=mapping, atom_class=root, atomic=atoms.atomic[root])
+            if a[:2] != b[:2]:
+                graph.add_edge(a[:2], b[:2], mapping=mapping, atom_class=root, atomic=atoms.atomic[root])
     return by_class, graph
 
 
@@ -135,7 +142,7 @@ def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, out
 
 
 def _make_group(root, places, atoms, layers_path, embedding_params, is_output) -> Group:
-    slices = tuple(sorted(Slice(p, a, f, pos) for p, a, f, pos in places))
+    slices = tuple(sorted(Slice(p, a, f, pos, None, off, ext) for p, a, f, pos, off, ext in places))
     kind = GroupKind.CHANNELS
     if is_output or any(s.param in embedding_params and s.axis == 0 for s in slices):
         kind = GroupKind.VOCAB
@@ -156,13 +163,13 @@ def _inner_width(s: Slice) -> int:
 
 
 def _nested_in(repeat_places, outer_root, outer_places) -> bool:
-    outer_at = {(p, a): pos for p, a, _, pos in outer_places}
-    return all(outer_at.get((p, a)) == pos - 1 for p, a, _, pos in repeat_places)
+    outer_at = {(p, a, off): pos for p, a, _, pos, off, _ in outer_places}
+    return all(outer_at.get((p, a, off)) == pos - 1 for p, a, _, pos, off, _ in repeat_places)
 
 
 def _make_nested(outer: Group, root, places, outer_places) -> Group:
-    outer_at = {(p, a): pos for p, a, _, pos in outer_places}
-    slices = tuple(sorted(Slice(p, a, f, pos, outer_at[(p, a)]) for p, a, f, pos in places))
+    outer_at = {(p, a, off): pos for p, a, _, pos, off, _ in outer_places}
+    slices = tuple(sorted(Slice(p, a, f, pos, outer_at[(p, a, off)], off, ext) for p, a, f, pos, off, ext in places))
     size = slices[0].factors[slices[0].factor]
     return Group(name=outer.name + ".query_per_kv", kind=GroupKind.HEADS, size=size, slices=slices,
                  layer=outer.layer, unit_width=outer.unit_width)

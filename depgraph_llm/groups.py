@@ -1,6 +1,7 @@
 """Plain data types shared by every stage: slices of parameters and the groups of units they form."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -21,8 +22,9 @@ class GroupKind(str, Enum):
 class Slice:
     """One parameter axis that a group's units run along.
 
-    The axis is viewed as a row-major grid `factors`; the group's unit index runs along `factor`. For a nested
-    group (query heads inside KV groups) `outer` is the factor of the enclosing group.
+    The axis positions [offset, offset + prod(factors)) are viewed as a row-major grid `factors`; the group's unit
+    index runs along `factor`. For a nested group (query heads inside KV groups) `outer` is the factor of the
+    enclosing group. A fused axis (Phi-3's qkv_proj rows) has one slice per segment; `extent` is the whole axis.
     """
 
     param: str
@@ -30,23 +32,48 @@ class Slice:
     factors: tuple[int, ...]
     factor: int
     outer: int | None = None
+    offset: int = 0
+    extent: int | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of axis positions this slice covers."""
+        return math.prod(self.factors)
+
+    @property
+    def axis_size(self) -> int:
+        return self.length if self.extent is None else self.extent
 
     def unit_scores(self, element_scores: torch.Tensor) -> torch.Tensor:
         """Sum per-element scores of this parameter into per-unit scores ((size,) or (outer, size))."""
-        per_axis = element_scores.movedim(self.axis, 0).reshape(element_scores.shape[self.axis], -1).sum(1)
+        segment = element_scores.narrow(self.axis, self.offset, self.length)
+        per_axis = segment.movedim(self.axis, 0).reshape(self.length, -1).sum(1)
         grid = per_axis.reshape(self.factors)
         keep = [self.factor] if self.outer is None else [self.outer, self.factor]
         reduce = [d for d in range(len(self.factors)) if d not in keep]
         return grid.sum(dim=reduce) if reduce else grid
 
     def axis_mask(self, keep: torch.Tensor) -> torch.Tensor:
-        """Boolean mask over the axis from a keep mask over units ((size,) or (outer, size))."""
+        """Boolean mask over the whole axis from a keep mask over units ((size,) or (outer, size)); positions outside
+        this slice's segment are kept (other groups decide them)."""
         shape = [1] * len(self.factors)
         shape[self.factor] = self.factors[self.factor]
         if self.outer is not None:
             shape[self.outer] = self.factors[self.outer]
-        grid = keep.reshape(shape).expand(self.factors)
-        return grid.reshape(-1)
+        grid = keep.reshape(shape).expand(self.factors).reshape(-1)
+        if self.axis_size == self.length:
+            return grid
+        full = torch.ones(self.axis_size, dtype=torch.bool)
+        full[self.offset:self.offset + self.length] = grid
+        return full
+
+    def unit_indices(self, unit: int) -> torch.Tensor:
+        """Axis positions that belong to one unit of a (non-nested) group."""
+        one_hot = torch.zeros(self.factors[self.factor], dtype=torch.bool)
+        one_hot[unit] = True
+        shape = [1] * len(self.factors)
+        shape[self.factor] = self.factors[self.factor]
+        return one_hot.reshape(shape).expand(self.factors).reshape(-1).nonzero().flatten() + self.offset
 
 
 @dataclass

@@ -167,7 +167,7 @@ def _size_one_dim(atoms: AtomTable, pieces: list[list]) -> DimSym:
     if piece_size == 1:
         pieces.pop(0)
         return (atom,)
-    if atoms.find(atom) in atoms.refinement:
+    if atoms.is_split(atom):
         return None
     outer, inner = atoms.refine(atom, 1)
     atoms.mark_atomic(inner)  # the constant inner size (head_dim) of a single-head reshape
@@ -201,6 +201,8 @@ def reshape_syms(atoms: AtomTable, in_shape, in_syms: Syms, out_shape) -> Syms:
                     pieces[0:1] = [[need, None], [piece_size // need, None]]
                 elif atoms.find(atom) in atoms.refinement:  # refined meanwhile: use its factors
                     pieces[0:1] = [[atoms.size[leaf], leaf] for leaf in atoms.leaves(atom)]
+                elif atoms.find(atom) in atoms.segments:  # a concatenation has no row-major factors
+                    break
                 else:
                     outer, inner = atoms.refine(atom, need)
                     atoms.mark_atomic(inner)  # modeling code reshapes with a constant inner size (head_dim)
@@ -286,12 +288,53 @@ def _slice(p, node: Node) -> Syms | None:
         return p.data_syms(node)
     dim = _dim(node.args[1] if len(node.args) > 1 else 0, len(in_shape))
     out = list(syms)
-    if in_shape[dim] != out_shape[dim] and syms[dim] is not None:
-        for atom in syms[dim]:
-            p.atoms.mark_atomic(atom)
-        out[dim] = (p.atoms.new(out_shape[dim]),)
-        p.atoms.mark_atomic(out[dim][0])
+    if in_shape[dim] == out_shape[dim] or syms[dim] is None:
+        return out
+    start, stop, step = list(node.args[2:5]) + [None, None, 1][len(node.args[2:5]):]
+    size = in_shape[dim]
+    start = 0 if start is None else min(max(start + size if start < 0 else start, 0), size)
+    stop = size if stop is None else min(max(stop + size if stop < 0 else stop, 0), size)
+    sizes = [n for n in (start, stop - start, size - stop) if n > 0]
+    pieces = _segments(p, syms[dim], sizes) if step == 1 and stop - start == out_shape[dim] else None
+    piece = pieces[1 if start > 0 else 0] if pieces else None
+    out[dim] = (piece,) if piece is not None else _frozen_dim(p, syms[dim], out_shape[dim])
     return out
+
+
+@register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+def _split(p, node: Node) -> list[Syms | None]:
+    """A fused projection's output split into q/k/v or gate/up: one segment of the producer's axis per piece."""
+    syms, in_shape = p.of(node.args[0]), tensor_shape(node.args[0])
+    values = [v for v in node.meta.get("val", ())]
+    out_shapes = [tuple(v.shape) for v in values]
+    if syms is None:
+        return [[None] * len(shape) for shape in out_shapes]
+    dim = _dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), len(in_shape))
+    sizes = [shape[dim] for shape in out_shapes]
+    pieces = _segments(p, syms[dim], sizes) if syms[dim] is not None and len(sizes) > 1 else None
+    if pieces is not None and None in pieces:
+        pieces = None
+    outputs = []
+    for index, shape in enumerate(out_shapes):
+        out = list(syms)
+        if syms[dim] is not None:
+            out[dim] = (pieces[index],) if pieces else _frozen_dim(p, syms[dim], shape[dim])
+        outputs.append(out)
+    return outputs
+
+
+def _segments(p, sym: tuple[int, ...], sizes: list[int]) -> list[int] | None:
+    """Cut a one-atom dimension into consecutive segments of `sizes` (None if it is a product of atoms)."""
+    return p.atoms.split_segments(sym[0], sizes) if len(sym) == 1 else None
+
+
+def _frozen_dim(p, sym: tuple[int, ...], size: int) -> tuple[int]:
+    """A piece the symbols cannot express: freeze its source and give it a fresh atomic atom."""
+    for atom in sym:
+        p.atoms.mark_atomic(atom)
+    fresh = p.atoms.new(size)
+    p.atoms.mark_atomic(fresh)
+    return (fresh,)
 
 
 @register(aten.cat.default)

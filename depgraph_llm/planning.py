@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 import math
 import logging
 from collections.abc import Callable
@@ -40,12 +41,19 @@ class ParamCounter:
         self.shapes = shapes
         self.removed_layers = removed_layers
         self.layer_params = {g.layer: set(g.params) for g in coupling.of_kind(GroupKind.LAYER)}
-        self.places: dict[str, list[tuple[tuple[str, int], int, int | None]]] = {}
+        # a fused axis holds several segments (offsets); each is a row-major grid of factors
+        self.places: dict[str, list[tuple[tuple[str, int, int], int, int | None]]] = {}
+        self.factors: dict[tuple[str, int, int], tuple[int, ...]] = {}
+        self.segments: dict[tuple[str, int], list[tuple[str, int, int]]] = defaultdict(list)
         for group in coupling.groups:
             for g in (group, group.nested):
                 if g is not None:
-                    self.places[g.name] = [((s.param, s.axis), s.factor, s.outer) for s in g.slices]
-        self.factors = {(s.param, s.axis): s.factors for g in coupling.groups for s in g.slices}
+                    self.places[g.name] = [((s.param, s.axis, s.offset), s.factor, s.outer) for s in g.slices]
+                    for s in g.slices:
+                        key = (s.param, s.axis, s.offset)
+                        if key not in self.factors:
+                            self.factors[key] = s.factors
+                            self.segments[(s.param, s.axis)].append(key)
 
     def without_layers(self, removed: frozenset[int]) -> "ParamCounter":
         """The same counter with these decoder layers removed by default."""
@@ -70,8 +78,9 @@ class ParamCounter:
                 continue
             numel = 1
             for axis, size in enumerate(shape):
-                f = factors.get((name, axis))
-                numel *= size if f is None else _prod(f)
+                for key in self.segments.get((name, axis), ()):
+                    size += _prod(factors[key]) - _prod(self.factors[key])
+                numel *= size
             total += numel
         return total
 

@@ -80,7 +80,8 @@ def groups_table(coupling: CouplingGraph, model, show_all: bool = False) -> str:
             count = sum(params[p].numel() for p in group.params if p in params)
             rows.append([group.name, group.kind.value, 1, "-", f"{count:,}", f"{len(group.params)} params"])
             continue
-        per_unit = sum(params[s.param].numel() // group.size for s in group.slices if s.param in params)
+        per_unit = sum(params[s.param].numel() // s.axis_size * s.length // group.size
+                       for s in group.slices if s.param in params)
         members = ", ".join(sorted({f"{s.param.rsplit('.', 2)[-2]}[{s.axis}]" for s in group.slices}))
         units = f"{group.size}" + (f" x {group.nested.size} q/kv" if group.nested else "")
         rows.append([group.name, group.kind.value, units, group.unit_width, f"{per_unit:,}", members[:70]])

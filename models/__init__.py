@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +26,17 @@ class ArchSpec:
     kv_heads_field: str | None = "num_key_value_heads"
     head_dim_field: str | None = "head_dim"
     hidden_field: str = "hidden_size"
+    # other fields that hold the hidden width when they equal it (OPT's word_embed_proj_dim)
+    hidden_alias_fields: tuple[str, ...] = ()
     layers_field: str = "num_hidden_layers"
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     # config switches that give linear layers a bias (FLAP-style compensation needs one on o_proj/down_proj)
     bias_switches: tuple[str, ...] = ("attention_bias", "mlp_bias")
-    # False when the modeling code derives something from hidden_size that pruning must not change
-    hidden_prunable: bool = True
-    hidden_note: str = ""
-    # attribute on the attention module -> which count it holds: "q_heads", "kv_heads" or "q_per_kv"
+    # called as f(model, old_hidden, new_hidden) after hidden channels are removed, to fold into the weights what
+    # the modeling code derives from hidden_size (Gemma's embedding scale), so a stock config still describes it
+    after_hidden_pruning: Callable[[nn.Module, int, int], None] | None = None
+    # attribute on the attention module -> which count it holds: "q_heads", "kv_heads", "q_per_kv" or "q_width"
+    # (query heads x head_dim, e.g. GPT-2's split_size)
     attention_attrs: dict[str, str] = field(default_factory=lambda: {
         "num_heads": "q_heads", "num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",
         "num_key_value_groups": "q_per_kv"})

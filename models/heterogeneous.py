@@ -6,10 +6,15 @@ Until then this file is copied into every heterogeneous checkpoint and named in 
 `from_pretrained(dir, trust_remote_code=True)` works where depgraph-llm is not installed; with depgraph-llm,
 `depgraph_llm.load_pruned(dir)` registers the same classes locally and needs no remote code.
 
+What no config field can say (GPT-2 and OPT derive head_dim = hidden / heads, Gemma its embedding scale from
+hidden_size) is in `config.module_overrides`: parameter shapes and module attributes, set right after the
+modules are built, before any weight is loaded or initialised.
+
 This file must import nothing but torch and transformers. `BASE_MODEL_TYPE` is rewritten when it is copied.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -20,10 +25,27 @@ PREFIX = "depgraph_"
 _CLASSES: dict[str, tuple[type, type]] = {}
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks (the one holding the most parameters)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def apply_module_overrides(model: nn.Module, overrides: dict | None) -> bool:
+    """Give the freshly built modules the parameter shapes and attributes of the pruned model."""
+    if not overrides:
+        return False
+    for name, shape in overrides.get("parameters", {}).items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = getattr(module, attr)
+        setattr(module, attr, nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device),
+                                           requires_grad=old.requires_grad))
+    for module_name, attrs in overrides.get("attributes", {}).items():
+        module = model.get_submodule(module_name)
+        for attr, value in attrs.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    return True
 
 
 def make_classes(base_model_type: str) -> tuple[type, type]:
@@ -53,13 +75,15 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
 
         def __init__(self, config):
             super().__init__(config)
-            if config.is_heterogeneous:
-                layers = _decoder_layers(self)
+            rebuilt = bool(config.is_heterogeneous)
+            if rebuilt:
+                layers = decoder_layers(self)
                 layer_class = type(layers[0])
                 for index in range(len(layers)):
                     layer_config = config.per_layer_config[index]
                     layer_config._attn_implementation = config._attn_implementation  # a copy does not inherit it
                     layers[index] = layer_class(layer_config, index)
+            if apply_module_overrides(self, getattr(config, "module_overrides", None)) or rebuilt:
                 self.post_init()
 
     HeterogeneousConfig.__name__ = HeterogeneousConfig.__qualname__ = "DepgraphConfig"

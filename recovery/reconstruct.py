@@ -118,8 +118,7 @@ def _consumers(modules: dict[str, nn.Module], touching: dict[tuple[str, int], li
             if g is group and (group.nested is None or group.nested.size == 1) and group.kind in (
                     GroupKind.CHANNELS, GroupKind.HEADS):
                 consumer.group = group.name
-                consumer.units = [s.axis_mask(torch.eye(group.size, dtype=torch.bool)[u]).nonzero().flatten()
-                                  for u in range(group.size)]
+                consumer.units = [s.unit_indices(u) for u in range(group.size)]
         consumers.append(consumer)
     return consumers
 
