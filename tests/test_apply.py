@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from depgraph_llm import GroupKind, build_coupling
+from depgraph_llm import build_coupling
 from depgraph_llm.apply import apply_plan, mask_model
 from depgraph_llm.plan import PrunePlan
 from depgraph_llm.planning import ParamCounter

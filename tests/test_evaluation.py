@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from depgraph_llm import build_coupling
 from depgraph_llm.apply import apply_plan
 from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
 from evaluation.report import write_report
