@@ -94,6 +94,11 @@ def _collect_slices(prop: Propagation) -> tuple[dict[int, list[tuple]], nx.Graph
     atoms = prop.atoms
     by_class: dict[int, list[tuple]] = defaultdict(list)
     graph = nx.Graph()
+    for atom in prop.param_axes.values():  # a factor cut into segments (split after a reshape): not expressible
+        for _, segment in atoms.segment_leaves(atom):
+            for leaf in atoms.leaves(segment):
+                if leaf in atoms.segments:
+                    atoms.mark_atomic(leaf)
     for (param, axis), atom in prop.param_axes.items():
         extent = atoms.size[atoms.find(atom)]
         segments = atoms.segment_leaves(atom)

@@ -10,7 +10,8 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from depgraph_llm import load_pruned
 from depgraph_llm.apply import apply_plan, mask_model
@@ -180,6 +181,38 @@ def test_heterogeneous_widths_in_memory_and_reloaded(arch, tmp_path):
     reloaded = load_pruned(tmp_path / "out").eval()
     assert torch.equal(logits(reloaded), logits(model)), arch
     assert torch.equal(greedy(reloaded), greedy(model)), arch
+
+
+class NovelConfig(LlamaConfig):
+    model_type = "novel-llama-test"
+
+
+class NovelForCausalLM(LlamaForCausalLM):
+    config_class = NovelConfig
+
+
+def test_llama_like_model_with_a_new_model_type_needs_no_code(tmp_path):
+    """A model type nobody registered in models/ (here a Llama subclass under a new name) prunes through the
+    default spec: MLP and heads together, masked == physical, exact count, save -> reload identical."""
+    from models import DEFAULT_SPEC
+
+    if NovelConfig.model_type not in CONFIG_MAPPING:
+        AutoConfig.register(NovelConfig.model_type, NovelConfig)
+        AutoModelForCausalLM.register(NovelConfig, NovelForCausalLM)
+    assert spec_for(NovelConfig.model_type) is DEFAULT_SPEC
+    torch.manual_seed(0)
+    model = NovelForCausalLM(NovelConfig(vocab_size=160, max_position_embeddings=256, **LLAMA_LIKE)).eval()
+    coupling = build_coupling(model)
+    plan = plan_for(model, coupling, "mlp")
+    plan.keep_nested = plan_for(model, coupling, "heads").keep_nested
+    masked = copy.deepcopy(model)
+    mask_model(masked, coupling, plan)
+    count = expected_count(model, coupling, plan)
+    apply_plan(model, coupling, plan, spec_for(NovelConfig.model_type))
+    assert sum(p.numel() for p in model.parameters()) == count and model.config.model_type == NovelConfig.model_type
+    assert torch.allclose(logits(model), logits(masked), atol=1e-5)
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "out", plan, {}, overwrite=False)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()), logits(model))
 
 
 def test_unreproducible_model_is_refused():
