@@ -1,7 +1,7 @@
 """Retrain-free reconstruction of a pruned model, layer by layer (`--reconstruct ls|bias|obs`).
 
 In each decoder layer the "consumers" are the linear layers whose input channels the plan removes (down_proj
-for MLP channels, o_proj for heads). For each, calibration statistics are gathered on the pipeline's streams,
+for MLP channels, o_proj for heads; GPT-2's Conv1D, which stores the weight transposed, counts as linear). For each, calibration statistics are gathered on the pipeline's streams,
 one of the solvers in `solvers.py` gives new weights, and the consumer is rewritten in place with zeros in the
 removed columns, so the dense-shaped layer computes exactly what the physically pruned one will. `apply_plan`
 then slices the zeros away. With `obs` the plan's choice of MLP channels (and of heads when they are not
@@ -48,10 +48,20 @@ class _Stats:
         self.tokens += len(x)
 
 
+def input_axis(module: nn.Module) -> int | None:
+    """Axis of the weight that runs over input channels: 1 for nn.Linear, 0 for transformers' Conv1D (GPT-2)."""
+    if isinstance(module, nn.Linear):
+        return 1
+    weight = getattr(module, "weight", None)
+    if isinstance(getattr(module, "nf", None), int) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return 0
+    return None
+
+
 @dataclass
 class _Consumer:
     name: str
-    module: nn.Linear
+    module: nn.Module                       # nn.Linear or Conv1D
     keep: torch.Tensor                      # bool over input columns
     group: str | None = None                # group whose units OBS may re-choose
     units: list[torch.Tensor] | None = None  # input columns of each unit of that group
@@ -108,7 +118,7 @@ def _consumers(modules: dict[str, nn.Module], touching: dict[tuple[str, int], li
     for (param, axis), keep in masks.items():
         module_name, _, attr = param.rpartition(".")
         module = modules.get(module_name)
-        if (axis != 1 or attr != "weight" or not isinstance(module, nn.Linear) or bool(keep.all())
+        if (module is None or axis != input_axis(module) or attr != "weight" or bool(keep.all())
                 or not module_name.startswith(layer_prefix)):
             continue
         consumer = _Consumer(module_name, module, keep.clone())
@@ -182,7 +192,9 @@ def _gather(layer: nn.Module, consumers: list[_Consumer], stream: list[torch.Ten
 def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tuple[float, float]:
     """New weights for one consumer; returns the relative output error before and after (on calibration)."""
     stats, module = consumer.stats, consumer.module
+    transposed = input_axis(module) == 0  # Conv1D: (in, out); solve in the linear (out, in) layout
     weight = module.weight.detach().double().cpu()
+    weight = weight.T if transposed else weight
     bias = module.bias.detach().double().cpu() if module.bias is not None else None
     b = bias if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
     gram, sum_x, tokens = stats.gram.cpu(), stats.sum_x.cpu(), stats.tokens
@@ -211,7 +223,7 @@ def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tu
     before, after = residual(weight[:, kept], b), residual(new_weight, new_bias)
     full = torch.zeros_like(weight)
     full[:, kept] = new_weight
-    module.weight.copy_(full.to(module.weight.dtype))
+    module.weight.copy_((full.T if transposed else full).to(module.weight.dtype))
     if module.bias is not None:
         module.bias.copy_(new_bias.to(module.bias.dtype))
     elif method == "bias":

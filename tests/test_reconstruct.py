@@ -1,5 +1,6 @@
 """Retrain-free reconstruction: solvers against references, exactness where the answer is reachable, the
 layer pipeline's bounded memory, and the CLI."""
+import copy
 import json
 import os
 import subprocess
@@ -240,3 +241,42 @@ def test_self_generated_calibration_is_seeded_and_from_the_model():
         own = model(input_ids=torch.cat(first), labels=torch.cat(first)).loss
         rand = model(input_ids=random_ids, labels=random_ids).loss
     assert own < rand
+
+
+def _duplicate_mlp_channel(model, arch: str) -> None:
+    """MLP channel 5 := channel 3 in every layer, through GPT-2's transposed Conv1D or Phi-3's fused gate_up."""
+    with torch.no_grad():
+        for layer in (model.transformer.h if arch == "gpt2" else model.model.layers):
+            if arch == "gpt2":
+                layer.mlp.c_fc.weight[:, 5] = layer.mlp.c_fc.weight[:, 3]
+                layer.mlp.c_fc.bias[5] = layer.mlp.c_fc.bias[3]
+            else:
+                width = layer.mlp.gate_up_proj.weight.shape[0] // 2
+                for offset in (0, width):
+                    layer.mlp.gate_up_proj.weight[offset + 5] = layer.mlp.gate_up_proj.weight[offset + 3]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
+def test_reconstruction_reaches_conv1d_and_fused_projections(arch):
+    """Dropping a duplicated MLP channel is exactly recoverable; least squares must find that on GPT-2 (Conv1D
+    consumers, weight stored transposed) and Phi-3 (the channel lives in two segments of gate_up_proj)."""
+    from tests.test_architectures import ARCHITECTURES, tiny_arch
+
+    model = tiny_arch(arch)
+    _duplicate_mlp_channel(model, arch)
+    test_ids = torch.randint(3, 160, (2, 17), generator=torch.Generator().manual_seed(99))
+    batches = [torch.randint(3, 160, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        dense = model(input_ids=test_ids).logits
+    coupling = build_coupling(model)
+    keep = {g.name: [i for i in range(g.size) if i != 5] for g in coupling.groups if g.kind.value == "channels"}
+    params = sum(p.numel() for p in model.parameters())
+    plan = PrunePlan("", arch, "test", "uniform", 0, 0.1, 1, params, params, keep=keep)
+    naive = copy.deepcopy(model)
+    apply_plan(naive, coupling, copy.deepcopy(plan), spec_for(ARCHITECTURES[arch][0]))
+    report = reconstruct(model, coupling, plan, batches, "ls", "local", damp=DAMP)
+    apply_plan(model, coupling, plan, spec_for(ARCHITECTURES[arch][0]))
+    with torch.no_grad():
+        naive_gap = (naive(input_ids=test_ids).logits - dense).abs().max()
+        gap = (model(input_ids=test_ids).logits - dense).abs().max()
+    assert report.consumers == 3 and naive_gap > 1e-3 and gap < 1e-4, (naive_gap, gap)
