@@ -59,6 +59,8 @@ def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec:
             setattr(module, attr, new)
     _fix_module_sizes(model)
     hidden_change = _hidden_change(coupling, plan)
+    if hidden_change:
+        _fix_parameterless_norms(model, *hidden_change)
     if spec.after_hidden_pruning and hidden_change:
         spec.after_hidden_pruning(model, *hidden_change)
     _fix_attention_attrs(model, coupling, plan, spec)
@@ -74,6 +76,14 @@ def _hidden_change(coupling: CouplingGraph, plan: PrunePlan) -> tuple[int, int] 
     if not hidden or len(plan.keep.get(hidden[0].name, range(hidden[0].size))) == hidden[0].size:
         return None
     return hidden[0].size, len(plan.keep[hidden[0].name])
+
+
+def _fix_parameterless_norms(model: nn.Module, old_hidden: int, new_hidden: int) -> None:
+    """Norms without a weight (OLMo's LayerNorm) have nothing to slice; they normalise over the new width."""
+    for module in model.modules():
+        if getattr(module, "weight", None) is None and getattr(module, "normalized_shape", None) in (
+                (old_hidden,), [old_hidden]):
+            module.normalized_shape = (new_hidden,)
 
 
 def _width_field_names(spec: ArchSpec) -> list[str]:
@@ -108,7 +118,8 @@ def head_counts(coupling: CouplingGraph, plan: PrunePlan) -> dict[int, dict[str,
         else:
             q_per_kv = 1
         counts[group.layer] = {"kv_heads": kv, "q_per_kv": q_per_kv, "q_heads": kv * q_per_kv,
-                               "q_width": kv * q_per_kv * group.unit_width, "module": group.name.rsplit(".", 1)[0]}
+                               "q_width": kv * q_per_kv * group.unit_width, "kv_width": kv * group.unit_width,
+                               "module": group.name.rsplit(".", 1)[0]}
     return counts
 
 
@@ -161,7 +172,7 @@ def layer_widths(coupling: CouplingGraph, plan: PrunePlan | None = None) -> list
             if g.layer == layer and g.kind == GroupKind.CHANNELS:
                 row["mlp"] = len(plan.keep.get(g.name, range(g.size)))
         if layer in heads:
-            row.update({k: v for k, v in heads[layer].items() if k not in ("module", "q_width")})
+            row.update({k: v for k, v in heads[layer].items() if k not in ("module", "q_width", "kv_width")})
         widths.append(row)
     return widths
 
@@ -172,7 +183,9 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
     config = model.config
     widths = layer_widths(coupling, plan)
     first = widths[0] if widths else {}
-    if spec.head_dim_field and first.get("q_heads") is not None:
+    if spec.head_dim_field and isinstance(getattr(config, spec.q_heads_field, None), int) and not isinstance(
+            getattr(type(config), spec.head_dim_field, None), property):  # Falcon derives it in a read-only property
+        # explicit, since pruning heads or hidden channels would change a head_dim derived as hidden / heads
         head_dim = getattr(config, spec.head_dim_field, None) or config.hidden_size // getattr(config, spec.q_heads_field)
         setattr(config, spec.head_dim_field, head_dim)
     hidden = coupling.of_kind(GroupKind.HIDDEN)

@@ -134,8 +134,8 @@ def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, out
     for component, roots in roots_by_component.items():
         free = [r for r in roots if not atoms.atomic[r]]
         repeats = [r for r in free if atoms.is_repeat[r] and atoms.size[r] > 1]
-        outers = [r for r in free if not atoms.is_repeat[r] and (atoms.size[r] > 1 or any(
-            _nested_in(slices_by_class[n], r, slices_by_class[r]) for n in repeats))]
+        outers = [r for r in free if not atoms.is_repeat[r] and not _within_head(slices_by_class[r]) and (
+            atoms.size[r] > 1 or any(_nested_in(slices_by_class[n], r, slices_by_class[r]) for n in repeats))]
         for root in outers:
             group = _make_group(root, slices_by_class[root], atoms, layers_path, embedding_params,
                                 root in output_classes)
@@ -144,6 +144,12 @@ def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, out
                 group.nested = _make_nested(group, nested[0], slices_by_class[nested[0]], slices_by_class[root])
             groups.append(group)
     return sorted(groups, key=lambda g: (g.layer if g.layer is not None else -1, g.kind.value, g.name))
+
+
+def _within_head(places) -> bool:
+    """Units that are channels inside every head (the innermost factor of a heads x head_dim axis, e.g. the value
+    dims of a multi-query head that is never reshaped): one head_dim for all heads is a config constant."""
+    return any(len(factors) > 1 and position == len(factors) - 1 for _, _, factors, position, _, _ in places)
 
 
 def _make_group(root, places, atoms, layers_path, embedding_params, is_output) -> Group:

@@ -32,7 +32,7 @@ PASS_THROUGH_OPS = {
 # Ops that permute or gather along a dimension: channels there cannot be pruned independently.
 FREEZING_OPS = {aten.roll.default, aten.flip.default, aten.index.Tensor, aten.gather.default,
                 aten.index_select.default, aten.repeat.default, aten.repeat_interleave.self_int,
-                aten.repeat_interleave.self_Tensor, aten.select.int, aten.unbind.int}
+                aten.repeat_interleave.self_Tensor, aten.unbind.int}
 NO_TENSOR_OPS = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten._assert_scalar.default,
                  aten.sym_constrain_range_for_size.default}
 
@@ -74,13 +74,25 @@ def _dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
+def _contract(p, left: DimSym, right: DimSym) -> None:
+    """Two dims a contraction sums over are indexed alike. When one carries no symbol (its channels come from
+    somewhere the trace could not follow, e.g. heads merged into the batch axis), the other is frozen: pruning
+    a consumer's input columns without their producer would give a wrong model."""
+    if left is None or right is None:
+        p.freeze([left, right])
+    else:
+        p.atoms.unify_dims(left, right)
+
+
 @register(aten.linear.default)
 def _linear(p, node: Node) -> Syms | None:
     x, weight = p.of(node.args[0]), p.of(node.args[1])
     bias = p.of(node.args[2]) if len(node.args) > 2 else None
+    x = x if x is not None else p.data_syms(node.args[0])
     if x is None or weight is None:
+        p.freeze(weight)
         return p.data_syms(node)
-    p.atoms.unify_dims(x[-1], weight[1])
+    _contract(p, x[-1], weight[1])
     if bias is not None:
         p.atoms.unify_dims(bias[0], weight[0])
     return [*x[:-1], weight[0]]
@@ -89,21 +101,40 @@ def _linear(p, node: Node) -> Syms | None:
 @register(aten.addmm.default)
 def _addmm(p, node: Node) -> Syms | None:
     bias, x, weight = (p.of(a) for a in node.args[:3])
+    x = x if x is not None else p.data_syms(node.args[1])
     if x is None or weight is None:
+        p.freeze(weight)
         return p.data_syms(node)
-    p.atoms.unify_dims(x[-1], weight[0])
+    _contract(p, x[-1], weight[0])
     if bias is not None:
         p.atoms.unify_dims(bias[-1], weight[1])
     return [x[0], weight[1]]
 
 
+@register(aten.baddbmm.default)
+def _baddbmm(p, node: Node) -> Syms | None:
+    """input + batch1 @ batch2 (BLOOM adds its ALiBi bias this way)."""
+    out = _matmul_syms(p, node, *node.args[1:3])
+    added, shape = p.of(node.args[0]), tensor_shape(node.args[0])
+    if out is not None and added is not None:
+        offset = len(out) - len(shape)
+        for i, (size, sym) in enumerate(zip(shape, added)):
+            if size > 1 and sym is not None and out[offset + i] is not None:
+                p.atoms.unify_dims(out[offset + i], sym)
+    return out if out is not None else p.fallback(node)
+
+
 @register(aten.matmul.default, aten.bmm.default, aten.mm.default)
 def _matmul(p, node: Node) -> Syms | None:
-    a, b = node.args[:2]
+    out = _matmul_syms(p, node, *node.args[:2])
+    return out if out is not None else p.fallback(node)
+
+
+def _matmul_syms(p, node: Node, a, b) -> Syms | None:
     sa, sb, shape_a, shape_b = p.of(a), p.of(b), tensor_shape(a), tensor_shape(b)
     if sa is None or sb is None or len(shape_a) < 2 or len(shape_b) < 2:
-        return p.fallback(node)
-    p.atoms.unify_dims(sa[-1], sb[-2])
+        return None
+    _contract(p, sa[-1], sb[-2])
     batch = _broadcast_batch(p, shape_a[:-2], sa[:-2], shape_b[:-2], sb[:-2])
     return [*batch, sa[-2], sb[-1]]
 
@@ -229,6 +260,45 @@ def reshape_syms(atoms: AtomTable, in_shape, in_syms: Syms, out_shape) -> Syms:
     return out
 
 
+@register(aten.flatten.using_ints, aten.unflatten.int)
+def _flatten(p, node: Node) -> Syms | None:
+    syms, in_shape, out_shape = p.of(node.args[0]), tensor_shape(node.args[0]), tensor_shape(node)
+    if syms is None:
+        return p.data_syms(node)
+    return reshape_syms(p.atoms, in_shape, syms, out_shape)
+
+
+@register(aten.stack.default)
+def _stack(p, node: Node) -> Syms | None:
+    """Stacking equal-shape tensors: their dims are indexed alike; the new axis is not a channel axis."""
+    tensors = list(node.args[0])
+    out_shape = tensor_shape(node)
+    dim = _dim(node.args[1] if len(node.args) > 1 else 0, len(out_shape))
+    merged: Syms = [None] * (len(out_shape) - 1)
+    for t in tensors:
+        for i, sym in enumerate(p.of(t) or []):
+            if sym is None:
+                continue
+            if merged[i] is None:
+                merged[i] = sym
+            else:
+                p.atoms.unify_dims(merged[i], sym)
+    merged.insert(dim, None)
+    return merged
+
+
+@register(aten.select.int)
+def _select(p, node: Node) -> Syms | None:
+    """One index of a dimension (BLOOM picks q, k, v out of a (heads, 3, head_dim) view): that dimension's
+    channels are used partly, so they are frozen; the other dimensions pass through."""
+    syms, shape = p.of(node.args[0]), tensor_shape(node.args[0])
+    if syms is None:
+        return p.data_syms(node)
+    dim = _dim(node.args[1], len(shape))
+    p.freeze([syms[dim]])
+    return [sym for i, sym in enumerate(syms) if i != dim]
+
+
 @register(aten.unsqueeze.default)
 def _unsqueeze(p, node: Node) -> Syms | None:
     syms = list(p.of(node.args[0]) or p.data_syms(node.args[0]) or [])
@@ -257,7 +327,7 @@ def _transpose(p, node: Node) -> Syms | None:
     return syms
 
 
-@register(aten.t.default)
+@register(aten.t.default, aten.numpy_T.default)
 def _t(p, node: Node) -> Syms | None:
     return list(reversed(p.of(node.args[0]) or p.data_syms(node.args[0])))
 
@@ -268,7 +338,7 @@ def _permute(p, node: Node) -> Syms | None:
     return [syms[_dim(d, len(syms))] for d in node.args[1]]
 
 
-@register(aten.expand.default)
+@register(aten.expand.default, aten.broadcast_to.default)
 def _expand(p, node: Node) -> Syms | None:
     syms, in_shape, out_shape = p.of(node.args[0]), tensor_shape(node.args[0]), tensor_shape(node)
     if syms is None or all(s is None for s in syms):

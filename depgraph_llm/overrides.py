@@ -33,13 +33,23 @@ class Mismatch:
     attributes: dict[str, dict[str, Scalar]] = field(default_factory=dict)  # module -> attr -> pruned value
     rebuilt_attributes: dict[str, dict[str, Scalar]] = field(default_factory=dict)  # ... -> value the config gives
     unmatched: list[str] = field(default_factory=list)  # parameters only one of the two models has
+    buffers: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # name -> (pruned, rebuilt) shape
 
     def __bool__(self) -> bool:
-        return bool(self.parameters or self.attributes or self.unmatched)
+        return bool(self.parameters or self.attributes or self.unmatched or self.buffers)
+
+    @property
+    def fatal(self) -> bool:
+        """Differences no override can replay: missing parameters, buffers the config computes in another shape."""
+        return bool(self.unmatched or self.buffers)
 
     def first(self, model: nn.Module) -> str:
         if self.unmatched:
             return f"parameter {self.unmatched[0]} exists in only one of the pruned and the rebuilt model"
+        if self.buffers:
+            name, (pruned, rebuilt) = next(iter(self.buffers.items()))
+            return (f"buffer {name} is {tuple(pruned)} in the pruned model but {tuple(rebuilt)} when built from the "
+                    "config (a width the modeling code derives, e.g. rotary head_dim = hidden / heads)")
         if self.parameters:
             name, shape = next(iter(self.parameters.items()))
             return f"{name} is {tuple(shape)} in the pruned model"
@@ -81,6 +91,10 @@ def find_mismatch(model: nn.Module) -> Mismatch:
     mismatch.unmatched = sorted(set(expected) ^ set(actual))
     mismatch.parameters = {name: list(shape) for name, shape in actual.items()
                            if name in expected and expected[name] != shape}
+    rebuilt_buffers = {name: list(b.shape) for name, b in rebuilt.named_buffers()}
+    for name, buffer in model.named_buffers():
+        if name in rebuilt_buffers and rebuilt_buffers[name] != list(buffer.shape):
+            mismatch.buffers[name] = (list(buffer.shape), rebuilt_buffers[name])
     rebuilt_modules = dict(rebuilt.named_modules())
     for name, module in model.named_modules():
         twin = rebuilt_modules.get(name)
@@ -92,6 +106,27 @@ def find_mismatch(model: nn.Module) -> Mismatch:
             mismatch.attributes[name] = differ
             mismatch.rebuilt_attributes[name] = {attr: theirs[attr] for attr in differ}
     return mismatch
+
+
+def _probe_ids(model: nn.Module) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return (torch.arange(3, 11, device=device) % model.config.vocab_size).unsqueeze(0)
+
+
+@torch.no_grad()
+def check_runs(model: nn.Module) -> None:
+    """The pruned model must run a short forward; a width the modeling code keeps in an attribute depgraph-llm does
+    not update shows up here as a one-line error instead of a traceback later."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=_probe_ids(model))
+    except Exception as exc:  # noqa: BLE001 - any failure inside the modeling code
+        raise UserError(f"the pruned {model.config.model_type} fails to run ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160]}); its modeling code probably keeps a width in a module "
+                        "attribute: name it in attention_attrs of its models/ entry (docs/new-architecture.md)") from exc
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -108,8 +143,7 @@ def adopt_bookkeeping(model: nn.Module, mismatch: Mismatch) -> None:
         return
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    probe = (torch.arange(3, 11, device=device) % model.config.vocab_size).unsqueeze(0)
+    probe = _probe_ids(model)
     try:
         reference = model(input_ids=probe).logits
         for attr in names:
@@ -141,6 +175,7 @@ def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, i
     """Ensure `model.config` rebuilds `model` exactly, adding module overrides (and the heterogeneous classes)
     when config fields cannot describe it; `dense_fields` are width fields to fall back to when the rewritten
     ones do not even build (e.g. GPT-2 refuses 5 heads in a 64-wide model)."""
+    check_runs(model)
     try:
         mismatch = find_mismatch(model)
         adopt_bookkeeping(model, mismatch)
@@ -153,7 +188,7 @@ def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, i
         mismatch = None
     if mismatch is not None and not mismatch:
         return
-    if mismatch is not None and mismatch.unmatched:
+    if mismatch is not None and mismatch.fatal:
         raise _refusal(model, mismatch.first(model))
     if not is_heterogeneous(model.config) or not widths:
         make_heterogeneous(model, spec, widths)
@@ -163,7 +198,7 @@ def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, i
         adopt_bookkeeping(model, mismatch)
     except RebuildError as exc:
         raise _refusal(model, f"its config does not build ({exc})") from exc
-    if mismatch.unmatched:
+    if mismatch.fatal:
         raise _refusal(model, mismatch.first(model))
     overrides = {"parameters": mismatch.parameters, "attributes": {
         module: {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}

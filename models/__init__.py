@@ -35,8 +35,8 @@ class ArchSpec:
     # called as f(model, old_hidden, new_hidden) after hidden channels are removed, to fold into the weights what
     # the modeling code derives from hidden_size (Gemma's embedding scale), so a stock config still describes it
     after_hidden_pruning: Callable[[nn.Module, int, int], None] | None = None
-    # attribute on the attention module -> which count it holds: "q_heads", "kv_heads", "q_per_kv" or "q_width"
-    # (query heads x head_dim, e.g. GPT-2's split_size)
+    # attribute on the attention module -> which count it holds: "q_heads", "kv_heads", "q_per_kv", "q_width"
+    # (query heads x head_dim, e.g. GPT-2's split_size) or "kv_width" (KV heads x head_dim)
     attention_attrs: dict[str, str] = field(default_factory=lambda: {
         "num_heads": "q_heads", "num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",
         "num_key_value_groups": "q_per_kv"})
