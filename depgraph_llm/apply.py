@@ -154,6 +154,8 @@ def _remove_layers(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, s
     config = model.config
     for field in spec.per_layer_fields:
         values = getattr(config, field, None)
+        if isinstance(getattr(type(config), field, None), property):  # derived (Mamba): follows the layer count
+            continue
         if isinstance(values, list) and len(values) == len(layers):
             setattr(config, field, [v for i, v in enumerate(values) if i not in removed])
 

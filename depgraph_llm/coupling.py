@@ -143,7 +143,29 @@ def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, out
             if nested and group.kind == GroupKind.HEADS:
                 group.nested = _make_nested(group, nested[0], slices_by_class[nested[0]], slices_by_class[root])
             groups.append(group)
+    _make_names_unique(groups)
     return sorted(groups, key=lambda g: (g.layer if g.layer is not None else -1, g.kind.value, g.name))
+
+
+def _make_names_unique(groups: list[Group]) -> None:
+    """Plans refer to groups by name: two groups in one module (Mamba's x_proj feeds a state-size and a dt-rank
+    group) are told apart by their first member, e.g. `layers.0.mixer.channels[dt_proj]`."""
+    by_name: dict[str, list[Group]] = defaultdict(list)
+    for group in groups:
+        by_name[group.name].append(group)
+    for name, clashing in by_name.items():
+        if len(clashing) < 2:
+            continue
+        for group in clashing:
+            first = group.slices[0]
+            member = first.param.rsplit(".", 2)[-2] if first.param.count(".") >= 1 else first.param
+            group.name = f"{name}[{member}.{first.param.rsplit('.', 1)[-1]}:{first.axis}@{first.offset}]"
+        if len({g.name for g in clashing}) < len(clashing):
+            for index, group in enumerate(sorted(clashing, key=lambda g: g.slices)):
+                group.name = f"{name}[{index}]"
+        for group in clashing:
+            if group.nested is not None:
+                group.nested.name = group.name + ".query_per_kv"
 
 
 def _within_head(places) -> bool:

@@ -73,6 +73,9 @@ MORE_ARCHITECTURES = {
     "gpt-bigcode": ("gpt_bigcode", GPT_LIKE, ("mlp", "hidden", "depth")),
     "falcon": ("falcon", dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=3, num_kv_heads=2,
                               new_decoder_architecture=True), ("mlp", "depth")),
+    # not a transformer: hidden and depth prune; its mixer's state / dt-rank groups (two in one module, told apart
+    # by name) are refused in one line, since the mixer keeps those sizes in attributes no entry names
+    "mamba": ("mamba", dict(hidden_size=48, num_hidden_layers=3, state_size=8), ("hidden", "depth")),
 }
 # OLMo 2 normalises q and k over all heads at once: removing a head changes the others' RMS, so (as for hidden
 # channels) the pruned model is not the masked one; counts and reload are still exact.
