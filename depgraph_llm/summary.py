@@ -82,7 +82,8 @@ def groups_table(coupling: CouplingGraph, model, show_all: bool = False) -> str:
             continue
         per_unit = sum(params[s.param].numel() // s.axis_size * s.length // group.size
                        for s in group.slices if s.param in params)
-        members = ", ".join(sorted({f"{s.param.rsplit('.', 2)[-2]}[{s.axis}]" for s in group.slices}))
+        members = ", ".join(sorted({f"{s.param.rsplit('.', 2)[-2]}[{s.axis}]" + (
+            f"@{s.offset}" if s.length != s.axis_size else "") for s in group.slices}))  # @offset: a fused segment
         units = f"{group.size}" + (f" x {group.nested.size} q/kv" if group.nested else "")
         rows.append([group.name, group.kind.value, units, group.unit_width, f"{per_unit:,}", members[:70]])
     layers = len(coupling.of_kind(GroupKind.LAYER))
