@@ -360,7 +360,10 @@ def test_slices_that_overlap_freeze_the_projection():
 # Torch-Pruning cannot be compared on GPT-2 (HF Conv1D is not a layer type it knows); on Phi-3 both tools couple
 # gate_up_proj's rows with down_proj's columns (compared per module: which rows is our segment test's job). Its
 # attention-group search does not finish on transformers 5, so heads are not compared.
-TP_COMPARABLE = sorted(set(ARCHITECTURES) - {"gpt2"})
+# Among the extra architectures Torch-Pruning 1.6.1 itself raises on CodeGen, GPT-NeoX and GPT-BigCode (TypeError
+# inside its graph builder), OLMo (expects a norm weight) and Mamba.
+TP_COMPARABLE = sorted(set(ARCHITECTURES) - {"gpt2"}) + sorted(
+    set(MORE_ARCHITECTURES) - {"codegen", "gpt-neox", "gpt-bigcode", "olmo", "mamba"})
 
 
 @pytest.mark.parametrize("arch", TP_COMPARABLE)
