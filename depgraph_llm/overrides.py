@@ -3,7 +3,7 @@
 The pruned model is rebuilt from its rewritten config on the `meta` device and compared with the real one:
 parameter shapes and the scalar attributes of every module (head_dim, split_size, embedding scales...). Stock
 or per-layer config fields are tried first. What they cannot say, because the modeling code derives it from
-other fields (GPT-2 and OPT derive head_dim = hidden / heads, Gemma its embedding scale from hidden_size), is
+other fields (GPT-2 and OPT derive head_dim = hidden / heads), is
 recorded in `config.module_overrides` and replayed by the heterogeneous classes (models/heterogeneous.py)
 when the checkpoint is loaded. A config that still rebuilds anything different is never written.
 """
@@ -43,7 +43,8 @@ class Mismatch:
         """Differences no override can replay: missing parameters, buffers the config computes in another shape."""
         return bool(self.unmatched or self.buffers)
 
-    def first(self, model: nn.Module) -> str:
+    def first(self) -> str:
+        """The first difference, for a one-line error."""
         if self.unmatched:
             return f"parameter {self.unmatched[0]} exists in only one of the pruned and the rebuilt model"
         if self.buffers:
@@ -189,7 +190,7 @@ def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, i
     if mismatch is not None and not mismatch:
         return
     if mismatch is not None and mismatch.fatal:
-        raise _refusal(model, mismatch.first(model))
+        raise _refusal(model, mismatch.first())
     if not is_heterogeneous(model.config) or not widths:
         make_heterogeneous(model, spec, widths)
     setattr(model.config, OVERRIDES_FIELD, {})
@@ -199,7 +200,7 @@ def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, i
     except RebuildError as exc:
         raise _refusal(model, f"its config does not build ({exc})") from exc
     if mismatch.fatal:
-        raise _refusal(model, mismatch.first(model))
+        raise _refusal(model, mismatch.first())
     overrides = {"parameters": mismatch.parameters, "attributes": {
         module: {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
         for module, attrs in mismatch.attributes.items()}}
@@ -211,7 +212,7 @@ def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, i
     except RebuildError as exc:
         raise _refusal(model, f"its config does not build ({exc})") from exc
     if remaining:
-        raise _refusal(model, remaining.first(model))
+        raise _refusal(model, remaining.first())
 
 
 def _refusal(model: nn.Module, reason: str) -> UserError:
