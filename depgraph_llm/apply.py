@@ -116,9 +116,10 @@ def head_counts(coupling: CouplingGraph, plan: PrunePlan) -> dict[int, dict[str,
             rows = plan.keep_nested.get(group.nested.name)
             q_per_kv = len(rows[0]) if rows else group.nested.size
         else:
-            q_per_kv = 1
+            q_per_kv = group.queries_per_unit
+        head_dim = group.unit_width // group.queries_per_unit  # a Falcon unit spans its group's query heads
         counts[group.layer] = {"kv_heads": kv, "q_per_kv": q_per_kv, "q_heads": kv * q_per_kv,
-                               "q_width": kv * q_per_kv * group.unit_width, "kv_width": kv * group.unit_width,
+                               "q_width": kv * q_per_kv * head_dim, "kv_width": kv * head_dim,
                                "module": group.name.rsplit(".", 1)[0]}
     return counts
 

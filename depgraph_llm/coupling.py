@@ -71,8 +71,28 @@ def build_coupling(model: nn.Module, trace: Trace | None = None) -> CouplingGrap
     output_classes = {prop.atoms.find(leaf) for atom in prop.output_atoms for leaf in prop.atoms.leaves(atom)}
     groups = _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, output_classes)
     groups = [g for g in groups if g.kind != GroupKind.VOCAB or _is_token_rows(g, model, canonical)]
+    for group in groups:
+        if group.kind == GroupKind.HEADS and group.nested is None:
+            group.queries_per_unit = _queries_per_unit(model, group, layers_path)
     groups += _layer_groups(model, layers_path)
     return CouplingGraph(graph, groups, layers_path, trace.seconds, sorted(prop.unknown_ops))
+
+
+def _queries_per_unit(model: nn.Module, group: Group, layers_path: str | None) -> int:
+    """Query heads per unit of a heads group without a nested group: 1 for multi-head attention, more when the
+    model keeps each KV group's queries whole (Falcon): the attention module's or the config's head count over
+    the group size."""
+    module_path = group.name.rsplit(".", 1)[0]
+    if layers_path and module_path.startswith("layers."):
+        module_path = layers_path + module_path[len("layers"):]
+    try:
+        attention = model.get_submodule(module_path)
+    except AttributeError:
+        attention = None
+    heads = next((v for v in (getattr(attention, a, None) for a in ("num_heads", "num_attention_heads"))
+                  if isinstance(v, int)), None)
+    heads = heads or getattr(getattr(attention, "config", model.config), "num_attention_heads", None)
+    return heads // group.size if isinstance(heads, int) and heads % group.size == 0 and heads > group.size else 1
 
 
 def _is_token_rows(group: Group, model: nn.Module, canonical: dict[str, str]) -> bool:

@@ -87,5 +87,6 @@ class Group:
     layer: int | None = None
     unit_width: int = 1
     nested: Group | None = None
+    queries_per_unit: int = 1  # query heads inside one unit of a heads group that cannot split them (Falcon)
     module: str | None = None
     params: tuple[str, ...] = field(default=())

@@ -299,6 +299,22 @@ def _select(p, node: Node) -> Syms | None:
     return [sym for i, sym in enumerate(syms) if i != dim]
 
 
+@register(aten.index.Tensor)
+def _index(p, node: Node) -> Syms | None:
+    """x[..., idx] with one 1-D index tensor (Falcon picks k and v out of a (groups, q_per_kv + 2) view): the
+    indexed dimension is frozen and gets a fresh atomic symbol; the other dimensions pass through."""
+    syms, shape, out_shape = p.of(node.args[0]), tensor_shape(node.args[0]), tensor_shape(node)
+    indices = list(node.args[1])
+    used = [i for i, index in enumerate(indices) if index is not None]
+    if syms is None or len(used) != 1 or len(tensor_shape(indices[used[0]]) or ()) != 1 or len(out_shape) != len(shape):
+        return p.fallback(node)
+    dim = used[0]
+    out = list(syms)
+    if syms[dim] is not None:
+        out[dim] = _frozen_dim(p, syms[dim], out_shape[dim])
+    return out
+
+
 @register(aten.unsqueeze.default)
 def _unsqueeze(p, node: Node) -> Syms | None:
     syms = list(p.of(node.args[0]) or p.data_syms(node.args[0]) or [])

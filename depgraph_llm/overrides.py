@@ -175,22 +175,23 @@ def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, i
                       dense_fields: dict[str, object]) -> None:
     """Ensure `model.config` rebuilds `model` exactly, adding module overrides (and the heterogeneous classes)
     when config fields cannot describe it; `dense_fields` are width fields to fall back to when the rewritten
-    ones do not even build (e.g. GPT-2 refuses 5 heads in a 64-wide model)."""
+    ones do not build (GPT-2 refuses 5 heads in a 64-wide model) or build what no override can fix (Falcon
+    sizes its rotary table from hidden / heads)."""
     check_runs(model)
     try:
         mismatch = find_mismatch(model)
         adopt_bookkeeping(model, mismatch)
+        reason = mismatch.first() if mismatch.fatal else None
     except RebuildError as exc:
-        log.info("the rewritten config does not build (%s): keeping the dense width fields, recording the "
-                 "widths as module overrides", exc)
+        mismatch, reason = None, str(exc)
+    if mismatch is not None and not mismatch:
+        return
+    if reason is not None:
+        log.info("the rewritten config cannot describe the model (%s): keeping the dense width fields, recording "
+                 "the widths as module overrides", reason)
         for key, value in dense_fields.items():
             setattr(model.config, key, value)
         widths = []
-        mismatch = None
-    if mismatch is not None and not mismatch:
-        return
-    if mismatch is not None and mismatch.fatal:
-        raise _refusal(model, mismatch.first())
     if not is_heterogeneous(model.config) or not widths:
         make_heterogeneous(model, spec, widths)
     setattr(model.config, OVERRIDES_FIELD, {})

@@ -67,12 +67,13 @@ MORE_ARCHITECTURES = {
     "gptj": ("gptj", {**GPT_LIKE, "rotary_dim": 6}, KINDS),
     "codegen": ("codegen", {**GPT_LIKE, "rotary_dim": 6}, KINDS),
     # heads merged into the batch axis before attention (BLOOM), a single KV head used without a head axis
-    # (GPT-BigCode), q/k/v picked by list indexing (Falcon): heads stay whole. Falcon derives its rotary size
-    # from hidden / heads in a read-only config property: hidden pruning is refused.
+    # (GPT-BigCode): heads stay whole. Falcon (models/falcon.py names num_kv_heads) picks k and v by list
+    # indexing, so whole KV groups prune; it derives its rotary size from hidden / heads in a read-only config
+    # property: hidden pruning is refused.
     "bloom": ("bloom", dict(hidden_size=48, n_head=4, n_layer=3), ("mlp", "hidden", "depth")),
     "gpt-bigcode": ("gpt_bigcode", GPT_LIKE, ("mlp", "hidden", "depth")),
     "falcon": ("falcon", dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=3, num_kv_heads=2,
-                              new_decoder_architecture=True), ("mlp", "depth")),
+                              new_decoder_architecture=True), ("mlp", "heads", "depth")),
     # not a transformer: hidden and depth prune; its mixer's state / dt-rank groups (two in one module, told apart
     # by name) are refused in one line, since the mixer keeps those sizes in attributes no entry names
     "mamba": ("mamba", dict(hidden_size=48, num_hidden_layers=3, state_size=8), ("hidden", "depth")),
