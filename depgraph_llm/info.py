@@ -53,7 +53,8 @@ def describe(folder: Path) -> str:
     if overrides:  # widths the config fields cannot state (e.g. GPT-2 heads): the weights' shapes are the truth
         layout += (f", {len(overrides.get('parameters', {}))} parameter shapes in module_overrides; widths below "
                    "are the config fields'")
-    lines = [f"{folder}: {config.get('model_type')} ({layout}), {len(rows)} layers, hidden {config.get('hidden_size')}, vocab {config.get('vocab_size')}, "
+    hidden_field = spec_for(base_model_type(config.get("model_type", ""))).hidden_field
+    lines = [f"{folder}: {config.get('model_type')} ({layout}), {len(rows)} layers, hidden {config.get(hidden_field)}, vocab {config.get('vocab_size')}, "
              f"{checkpoint_params(folder) / 1e6:.2f}M parameters"]
     lines.append(table([[r["layer"], r.get("mlp"), r.get("q_heads"), r.get("kv_heads")] for r in rows],
                        ["layer", "MLP width", "query heads", "KV heads"]))
