@@ -202,6 +202,17 @@ def config_accepts(model, spec, widths: Widths) -> bool:
     return stock_config_accepts(config, updates)
 
 
+def fit_windows_to_context(options: PruneOptions, config) -> PruneOptions:
+    """Calibration and evaluation windows no longer than the model's context (learned position tables, e.g.
+    GPT-2's n_positions, cannot index past it)."""
+    context = next((v for v in (getattr(config, f, None) for f in ("max_position_embeddings", "n_positions", "n_ctx"))
+                    if isinstance(v, int) and v > 1), None)
+    if context is None or (options.seq_len <= context and options.eval_seq_len <= context):
+        return options
+    log.warning("the model's context is %d tokens: calibration and evaluation windows shortened to it", context)
+    return replace(options, seq_len=min(options.seq_len, context), eval_seq_len=min(options.eval_seq_len, context))
+
+
 def run_prune(options: PruneOptions) -> PruneResult:
     """Prune a model end to end and save the slim checkpoint with its plan and report."""
     options.validate()
@@ -212,6 +223,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     with timer("load"):
         model, tokenizer = load_model(model_path, options.trust_remote_code)
         source_hash = weights_hash(model_path)
+    options = fit_windows_to_context(options, model.config)
     estimator = get_estimator(options.importance)
     cal_text, eval_text, cal_files, eval_files = _texts(options)
     needs_calibration = (options.vocab_keep is not None and options.calibration == SELF_CALIBRATION

@@ -383,3 +383,24 @@ def test_mlp_groups_agree_with_torch_pruning(arch):
     theirs = _tp_group(model, modules[producer], tp.prune_linear_out_channels)
     ours = {(s.param.rsplit(".", 1)[0], s.axis if s.param.endswith(".weight") else 0) for s in group.slices}
     assert ours == theirs
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
+def test_prune_cli_end_to_end(arch, tmp_path):
+    """prune.py (default estimator, schedule and OBS reconstruction) on a saved tiny GPT-2 (Conv1D, module overrides)
+    and Phi-3 (fused projections). Their 256-token context is shorter than the default 512-token evaluation window,
+    which is shortened to it instead of indexing past the position table."""
+    import json
+
+    from tests.cli_helpers import FAST, run_prune
+
+    model = tiny_arch(arch)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    result = run_prune("--model", str(tmp_path / "src"), "--ratio", "0.25", "--out", str(tmp_path / "out"), *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert report["perplexity"]["after"]["seq_len"] == 256 and abs(report["ratio_achieved"] - 0.25) <= 0.01
+    reloaded = load_pruned(tmp_path / "out")
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
