@@ -208,7 +208,7 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
             embedding.padding_idx = mapping.get(embedding.padding_idx)
         if getattr(model, "generation_config", None) is not None:
             remap_config_ids(model.generation_config, mapping)
-    fields = width_fields(spec)
+    fields = width_fields(spec, config)
     uniform = {fields[k]: first[k] for k in WIDTH_KEYS if k in first and fields[k]}
     if is_uniform(widths) and stock_config_accepts(config, uniform):
         for field, value in uniform.items():

@@ -8,6 +8,7 @@ from torch import nn
 
 from models import ArchSpec
 from models import heterogeneous
+from .errors import UserError
 
 MODELING_FILE = "modeling_depgraph.py"
 AUTO_MAP = {"AutoConfig": "modeling_depgraph.DepgraphConfig",
@@ -15,9 +16,13 @@ AUTO_MAP = {"AutoConfig": "modeling_depgraph.DepgraphConfig",
 WIDTH_KEYS = ("mlp", "q_heads", "kv_heads")
 
 
-def width_fields(spec: ArchSpec) -> dict[str, str | None]:
-    """Config field of each per-layer width."""
-    return {"mlp": spec.mlp_width_field, "q_heads": spec.q_heads_field, "kv_heads": spec.kv_heads_field}
+def width_fields(spec: ArchSpec, config=None) -> dict[str, str | None]:
+    """Config field of each per-layer width; with `config`, only fields it has (GPT-J's config has no KV-head
+    count, and the default spec's name for it must not be invented there)."""
+    fields = {"mlp": spec.mlp_width_field, "q_heads": spec.q_heads_field, "kv_heads": spec.kv_heads_field}
+    if config is not None:
+        fields = {k: f if f and hasattr(config, f) else None for k, f in fields.items()}
+    return fields
 
 
 def is_uniform(widths: list[dict[str, int]]) -> bool:
@@ -41,14 +46,18 @@ def make_heterogeneous(model: nn.Module, spec: ArchSpec, widths: list[dict[str, 
     data = config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config"):
         data.pop(key, None)
-    fields = width_fields(spec)
+    fields = width_fields(spec, config)
     overrides: dict[int, dict[str, int]] = {}
     for index, row in enumerate(widths):
         layer = {fields[k]: row[k] for k in WIDTH_KEYS if k in row and fields[k] and row[k] != data.get(fields[k])}
         if layer:
             overrides[index] = layer
     data["per_layer_config"] = overrides
-    new_config = config_class(**data)
+    try:
+        new_config = config_class(**data)
+    except ValueError as exc:  # our own per-layer validation, or the stock validators on the global fields
+        raise UserError(f"the pruned {base} cannot be described by a per-layer config ({exc}); prune fewer kinds "
+                        "or see docs/new-architecture.md") from exc
     new_config.architectures = [model_class.__name__]
     new_config.auto_map = dict(AUTO_MAP)
     new_config._attn_implementation = config._attn_implementation

@@ -404,3 +404,20 @@ def test_prune_cli_end_to_end(arch, tmp_path):
     assert report["perplexity"]["after"]["seq_len"] == 256 and abs(report["ratio_achieved"] - 0.25) <= 0.01
     reloaded = load_pruned(tmp_path / "out")
     assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
+
+
+@pytest.mark.parametrize("arch", ["gptj", "gpt2", "opt"])
+def test_heads_and_hidden_together(arch, tmp_path):
+    """Heads and hidden channels in one plan, on models that derive head_dim = hidden / heads and (GPT-J) have no
+    KV-head field in their config: the width fields fall back, the overrides carry the rest, reload is exact."""
+    model = tiny_arch(arch)
+    coupling = build_coupling(model)
+    plan = plan_for(model, coupling, "heads")
+    plan.keep.update(plan_for(model, coupling, "hidden").keep)
+    count = expected_count(model, coupling, plan)
+    apply_plan(model, coupling, plan, spec_for(_entry(arch)[0]))
+    assert sum(p.numel() for p in model.parameters()) == count
+    if arch == "gptj":  # the default spec's KV-head field name is not invented on a config without one
+        assert "num_key_value_heads" not in model.config.to_dict()
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "out", plan, {}, overwrite=False)
+    assert torch.equal(logits(load_pruned(tmp_path / "out").eval()), logits(model))
