@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models import ArchSpec
-from .coupling import CouplingGraph
+from .coupling import CouplingGraph, module_path_of
 from .errors import UserError
 from .groups import GroupKind
 from .plan import PrunePlan, axis_masks
@@ -61,8 +61,8 @@ def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec:
     hidden_change = _hidden_change(coupling, plan)
     if hidden_change:
         _fix_parameterless_norms(model, *hidden_change)
-    if spec.after_hidden_pruning and hidden_change:
-        spec.after_hidden_pruning(model, *hidden_change)
+        if spec.after_hidden_pruning:
+            spec.after_hidden_pruning(model, *hidden_change)
     _fix_attention_attrs(model, coupling, plan, spec)
     _remove_layers(model, coupling, plan, spec)
     widths = _rewrite_config(model, coupling, plan, spec)
@@ -87,7 +87,7 @@ def _fix_parameterless_norms(model: nn.Module, old_hidden: int, new_hidden: int)
 
 
 def _width_field_names(spec: ArchSpec) -> list[str]:
-    return [f for f in (spec.mlp_width_field, spec.q_heads_field, spec.kv_heads_field, spec.head_dim_field) if f]
+    return [f for f in (*width_fields(spec).values(), spec.head_dim_field) if f]
 
 
 def _fix_module_sizes(model: nn.Module) -> None:
@@ -125,9 +125,8 @@ def head_counts(coupling: CouplingGraph, plan: PrunePlan) -> dict[int, dict[str,
 
 
 def _fix_attention_attrs(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> None:
-    layers_path = coupling.layers_path or ""
     for layer, counts in head_counts(coupling, plan).items():
-        module_path = counts["module"].replace("layers.", f"{layers_path}.", 1)
+        module_path = module_path_of(counts["module"], coupling.layers_path)
         try:
             attention = model.get_submodule(module_path)
         except AttributeError:
@@ -191,12 +190,12 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
         # explicit, since pruning heads or hidden channels would change a head_dim derived as hidden / heads
         head_dim = getattr(config, spec.head_dim_field, None) or config.hidden_size // getattr(config, spec.q_heads_field)
         setattr(config, spec.head_dim_field, head_dim)
-    hidden = coupling.of_kind(GroupKind.HIDDEN)
-    if hidden and hidden[0].name in plan.keep:
+    hidden_change = _hidden_change(coupling, plan)
+    if hidden_change:
         old_hidden = getattr(config, spec.hidden_field)
         for field in (spec.hidden_field, *spec.hidden_alias_fields):
             if getattr(config, field, None) == old_hidden:
-                setattr(config, field, len(plan.keep[hidden[0].name]))
+                setattr(config, field, hidden_change[1])
     setattr(config, spec.layers_field, len(widths) if widths else getattr(config, spec.layers_field))
     vocab = [plan.keep[g.name] for g in coupling.of_kind(GroupKind.VOCAB) if g.name in plan.keep]
     if vocab:

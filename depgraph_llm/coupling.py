@@ -78,15 +78,19 @@ def build_coupling(model: nn.Module, trace: Trace | None = None) -> CouplingGrap
     return CouplingGraph(graph, groups, layers_path, trace.seconds, sorted(prop.unknown_ops))
 
 
+def module_path_of(short: str, layers_path: str | None) -> str:
+    """The module path behind a group-name prefix: "layers.3.self_attn" -> "model.layers.3.self_attn"."""
+    if layers_path and short.startswith("layers."):
+        return layers_path + short[len("layers"):]
+    return short
+
+
 def _queries_per_unit(model: nn.Module, group: Group, layers_path: str | None) -> int:
     """Query heads per unit of a heads group without a nested group: 1 for multi-head attention, more when the
     model keeps each KV group's queries whole (Falcon): the attention module's or the config's head count over
     the group size."""
-    module_path = group.name.rsplit(".", 1)[0]
-    if layers_path and module_path.startswith("layers."):
-        module_path = layers_path + module_path[len("layers"):]
     try:
-        attention = model.get_submodule(module_path)
+        attention = model.get_submodule(module_path_of(group.name.rsplit(".", 1)[0], layers_path))
     except AttributeError:
         attention = None
     heads = next((v for v in (getattr(attention, a, None) for a in ("num_heads", "num_attention_heads"))
@@ -169,7 +173,7 @@ def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, out
 
 def _make_names_unique(groups: list[Group]) -> None:
     """Plans refer to groups by name: two groups in one module (Mamba's x_proj feeds a state-size and a dt-rank
-    group) are told apart by their first member, e.g. `layers.0.mixer.channels[dt_proj]`."""
+    group) are told apart by their first member, e.g. `layers.0.mixer.channels[dt_proj.weight:1@0]`."""
     by_name: dict[str, list[Group]] = defaultdict(list)
     for group in groups:
         by_name[group.name].append(group)
@@ -178,8 +182,7 @@ def _make_names_unique(groups: list[Group]) -> None:
             continue
         for group in clashing:
             first = group.slices[0]
-            member = first.param.rsplit(".", 2)[-2] if first.param.count(".") >= 1 else first.param
-            group.name = f"{name}[{member}.{first.param.rsplit('.', 1)[-1]}:{first.axis}@{first.offset}]"
+            group.name = f"{name}[{'.'.join(first.param.split('.')[-2:])}:{first.axis}@{first.offset}]"
         if len({g.name for g in clashing}) < len(clashing):
             for index, group in enumerate(sorted(clashing, key=lambda g: g.slices)):
                 group.name = f"{name}[{index}]"

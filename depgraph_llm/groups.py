@@ -56,11 +56,7 @@ class Slice:
     def axis_mask(self, keep: torch.Tensor) -> torch.Tensor:
         """Boolean mask over the whole axis from a keep mask over units ((size,) or (outer, size)); positions outside
         this slice's segment are kept (other groups decide them)."""
-        shape = [1] * len(self.factors)
-        shape[self.factor] = self.factors[self.factor]
-        if self.outer is not None:
-            shape[self.outer] = self.factors[self.outer]
-        grid = keep.reshape(shape).expand(self.factors).reshape(-1)
+        grid = self._segment_mask(keep)
         if self.axis_size == self.length:
             return grid
         full = torch.ones(self.axis_size, dtype=torch.bool)
@@ -71,9 +67,15 @@ class Slice:
         """Axis positions that belong to one unit of a (non-nested) group."""
         one_hot = torch.zeros(self.factors[self.factor], dtype=torch.bool)
         one_hot[unit] = True
+        return self._segment_mask(one_hot).nonzero().flatten() + self.offset
+
+    def _segment_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """Mask over this slice's own positions from a mask over units ((size,) or (outer, size))."""
         shape = [1] * len(self.factors)
         shape[self.factor] = self.factors[self.factor]
-        return one_hot.reshape(shape).expand(self.factors).reshape(-1).nonzero().flatten() + self.offset
+        if self.outer is not None:
+            shape[self.outer] = self.factors[self.outer]
+        return keep.reshape(shape).expand(self.factors).reshape(-1)
 
 
 @dataclass

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
-import math
 import logging
+import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -67,11 +67,10 @@ def make_heterogeneous(model: nn.Module, spec: ArchSpec, widths: list[dict[str, 
             module.config = new_config
     if new_config.is_heterogeneous:  # modules inside a layer read their own layer's widths, as after a reload
         for index, layer in enumerate(heterogeneous.decoder_layers(model)):
-            layer_config = new_config.per_layer_config[index]
-            layer_config._attn_implementation = config._attn_implementation
+            own = heterogeneous.layer_config(new_config, index)
             for module in layer.modules():
                 if getattr(module, "config", None) is new_config:
-                    module.config = layer_config
+                    module.config = own
     model.__class__ = model_class  # a subclass of the stock class with no state of its own
 
 

@@ -6,9 +6,9 @@ Until then this file is copied into every heterogeneous checkpoint and named in 
 `from_pretrained(dir, trust_remote_code=True)` works where depgraph-llm is not installed; with depgraph-llm,
 `depgraph_llm.load_pruned(dir)` registers the same classes locally and needs no remote code.
 
-What no config field can say (GPT-2 and OPT derive head_dim = hidden / heads, Gemma its embedding scale from
-hidden_size) is in `config.module_overrides`: parameter shapes and module attributes, set right after the
-modules are built, before any weight is loaded or initialised.
+What no config field can say (GPT-2 and OPT derive head_dim = hidden / heads) is in `config.module_overrides`:
+parameter shapes and module attributes, set right after the modules are built, before any weight is loaded or
+initialised.
 
 This file must import nothing but torch and transformers. `BASE_MODEL_TYPE` is rewritten when it is copied.
 """
@@ -29,6 +29,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks (the one holding the most parameters)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def layer_config(config, index: int):
+    """Layer `index`'s own config (transformers' per_layer_config view) with the model's attention backend."""
+    layer = config.per_layer_config[index]
+    layer._attn_implementation = config._attn_implementation  # a per-layer copy does not inherit it
+    return layer
 
 
 def apply_module_overrides(model: nn.Module, overrides: dict | None) -> bool:
@@ -80,9 +87,7 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
                 layers = decoder_layers(self)
                 layer_class = type(layers[0])
                 for index in range(len(layers)):
-                    layer_config = config.per_layer_config[index]
-                    layer_config._attn_implementation = config._attn_implementation  # a copy does not inherit it
-                    layers[index] = layer_class(layer_config, index)
+                    layers[index] = layer_class(layer_config(config, index), index)
             if apply_module_overrides(self, getattr(config, "module_overrides", None)) or rebuilt:
                 self.post_init()
 

@@ -421,3 +421,4 @@ def test_heads_and_hidden_together(arch, tmp_path):
         assert "num_key_value_heads" not in model.config.to_dict()
     save_checkpoint(model, tiny_tokenizer(), tmp_path / "out", plan, {}, overwrite=False)
     assert torch.equal(logits(load_pruned(tmp_path / "out").eval()), logits(model))
+
