@@ -191,6 +191,11 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
         head_dim = getattr(config, spec.head_dim_field, None) or config.hidden_size // getattr(config, spec.q_heads_field)
         setattr(config, spec.head_dim_field, head_dim)
     hidden_change = _hidden_change(coupling, plan)
+    if hidden_change and isinstance(getattr(type(config), "head_dim", None), property):
+        # Falcon: head_dim = hidden / heads in a read-only property, which rotary tables are sized from; a new
+        # width would change them on reload, sometimes without changing their shape (48 -> 44 channels)
+        raise UserError(f"{config.model_type} derives head_dim from hidden_size in a read-only config property, so "
+                        "its hidden width cannot change; prune MLP channels, heads or layers instead")
     if hidden_change:
         old_hidden = getattr(config, spec.hidden_field)
         for field in (spec.hidden_field, *spec.hidden_alias_fields):

@@ -422,3 +422,14 @@ def test_heads_and_hidden_together(arch, tmp_path):
     save_checkpoint(model, tiny_tokenizer(), tmp_path / "out", plan, {}, overwrite=False)
     assert torch.equal(logits(load_pruned(tmp_path / "out").eval()), logits(model))
 
+
+def test_falcon_hidden_width_is_refused_even_when_rotary_shapes_match():
+    """Falcon sizes its rotary table from head_dim = hidden / heads (a read-only config property): 48 -> 44
+    channels keeps the table's length (6 frequencies) but not its values, so the shape check alone would pass."""
+    model = tiny_arch("falcon")
+    coupling = build_coupling(model)
+    hidden = coupling.of_kind(GroupKind.HIDDEN)[0]
+    params = sum(p.numel() for p in model.parameters())
+    plan = PrunePlan("", "falcon", "test", "hidden", 0, 0.1, 1, params, 0, keep={hidden.name: list(range(44))})
+    with pytest.raises(UserError, match="derives head_dim from hidden_size"):
+        apply_plan(model, coupling, plan, spec_for("falcon"))
