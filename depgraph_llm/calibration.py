@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from depgraph_llm.errors import UserError
 
 log = logging.getLogger(__name__)
 LICENSES = Path("/usr/share/common-licenses")

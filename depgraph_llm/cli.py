@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from depgraph_llm.errors import UserError
 
 log = logging.getLogger("depgraph_llm")
 
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import PruneOptions, run_prune
-    from .summary import prune_summary
+    from depgraph_llm.pipeline import PruneOptions, run_prune
+    from depgraph_llm.summary import prune_summary
 
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
@@ -116,8 +116,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .pipeline import run_apply
-    from .summary import prune_summary
+    from depgraph_llm.pipeline import run_apply
+    from depgraph_llm.summary import prune_summary
 
     result = run_apply(args.plan, args.model, args.out, args.overwrite, args.trust_remote_code)
     print(prune_summary(result.report, result.out))
@@ -125,23 +125,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import describe
+    from depgraph_llm.checkpoint.info import describe
 
     print(describe(args.folder))
     return 0
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from .gguf_export import export_gguf
+    from depgraph_llm.checkpoint.gguf_export import export_gguf
 
     print(f"wrote {export_gguf(args.folder, args.out, args.dtype, args.overwrite)}")
     return 0
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from .coupling import build_coupling
-    from .loading import load_model, resolve_model_path
-    from .summary import groups_table
+    from depgraph_llm.graph.coupling import build_coupling
+    from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
+    from depgraph_llm.summary import groups_table
 
     model, _ = load_model(resolve_model_path(args.model or args.model_pos), args.trust_remote_code)
     coupling = build_coupling(model)
@@ -158,8 +158,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from evaluation.job import EvalOptions, run_eval
-    from evaluation.report import _markdown
+    from depgraph_llm.evaluation.job import EvalOptions, run_eval
+    from depgraph_llm.evaluation.report import _markdown
 
     if args.limit < 0 or args.cloze_items < 1:
         raise UserError("--limit must be >= 0 and --cloze-items >= 1")

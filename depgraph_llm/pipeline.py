@@ -12,27 +12,27 @@ from pathlib import Path
 
 import torch
 
-from evaluation.perplexity import perplexity
-from models import nearest_supported, spec_for
-from . import __version__
-from .apply import apply_plan, layer_widths, stock_config_accepts
-from .calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text,
+from depgraph_llm.evaluation.perplexity import perplexity
+from depgraph_llm.models import nearest_supported, spec_for
+from depgraph_llm import __version__
+from depgraph_llm.removal.apply import apply_plan, layer_widths, stock_config_accepts
+from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text,
                           self_generated_windows, token_windows)
-from .checkpoint import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
-from .coupling import CouplingGraph, build_coupling
-from .errors import UserError
-from .groups import GroupKind
-from .importance import get_estimator, score_groups
-from .loading import load_model, resolve_model_path
-from recovery.bias_params import enable_zero_biases
-from recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUCT_MODES
-from recovery.reconstruct import check_supported, reconstruct as reconstruct_layers
-from .plan import PrunePlan
-from .importance.depth import angular_distance, angular_distances, block_influence
-from .schedules import NONUNIFORM, plan_nonuniform
-from .vocab import kept_token_ids, prune_tokenizer_files
-from .slim_config import copy_modeling_code, is_heterogeneous
-from .planning import RATIO_TOLERANCE, Allocation, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
+from depgraph_llm.checkpoint.files import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
+from depgraph_llm.graph.coupling import CouplingGraph, build_coupling
+from depgraph_llm.errors import UserError
+from depgraph_llm.graph.groups import GroupKind
+from depgraph_llm.importance import get_estimator, score_groups
+from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
+from depgraph_llm.recovery.bias_params import enable_zero_biases
+from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUCT_MODES
+from depgraph_llm.recovery.reconstruct import check_supported, reconstruct as reconstruct_layers
+from depgraph_llm.planning.plan import PrunePlan
+from depgraph_llm.importance.depth import angular_distance, angular_distances, block_influence
+from depgraph_llm.planning.schedules import NONUNIFORM, plan_nonuniform
+from depgraph_llm.planning.vocab import kept_token_ids, prune_tokenizer_files
+from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
+from depgraph_llm.planning.budget import RATIO_TOLERANCE, Allocation, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .coupling import CouplingGraph
-from .groups import GroupKind
+from depgraph_llm.graph.coupling import CouplingGraph
+from depgraph_llm.graph.groups import GroupKind
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
 from depgraph_llm.errors import UserError
-from depgraph_llm.loading import cache_dir, load_model, resolve_model_path
+from depgraph_llm.checkpoint.loading import cache_dir, load_model, resolve_model_path
 
 from .perplexity import perplexity
 from .report import write_report

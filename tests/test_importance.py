@@ -2,7 +2,7 @@
 import torch
 
 from depgraph_llm import build_coupling
-from depgraph_llm.groups import Slice
+from depgraph_llm.graph.groups import Slice
 from depgraph_llm.importance import ESTIMATORS, get_estimator, score_groups
 from tests.tiny import tiny_model
 
@@ -102,7 +102,7 @@ def test_fisher_is_the_sum_of_squared_mask_gradients():
 
 
 def test_obs_saliency_is_the_optimal_error_of_removing_a_column():
-    from recovery.solvers import ridge
+    from depgraph_llm.recovery.solvers import ridge
 
     model = tiny_model("llama")
     coupling = build_coupling(model)

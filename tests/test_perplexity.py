@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from evaluation.perplexity import perplexity
+from depgraph_llm.evaluation.perplexity import perplexity
 from tests.tiny import tiny_model, tiny_tokenizer
 
 

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from depgraph_llm import build_coupling
-from depgraph_llm.apply import apply_plan
+from depgraph_llm.removal.apply import apply_plan
 from depgraph_llm.errors import UserError
 from depgraph_llm.importance import get_estimator, score_groups
-from depgraph_llm.plan import PrunePlan
-from depgraph_llm.planning import ParamCounter, plan_uniform, top_k
-from models import spec_for
+from depgraph_llm.planning.plan import PrunePlan
+from depgraph_llm.planning.budget import ParamCounter, plan_uniform, top_k
+from depgraph_llm.models import spec_for
 from tests.tiny import tiny_model
 
 

@@ -10,12 +10,12 @@ import textwrap
 import pytest
 import torch
 
-from depgraph_llm.apply import apply_plan
-from depgraph_llm.coupling import build_coupling
-from depgraph_llm.plan import PrunePlan
-from models import spec_for
-from recovery.reconstruct import reconstruct
-from recovery.solvers import bias_correction, least_squares, obs_select, ridge
+from depgraph_llm.removal.apply import apply_plan
+from depgraph_llm.graph.coupling import build_coupling
+from depgraph_llm.planning.plan import PrunePlan
+from depgraph_llm.models import spec_for
+from depgraph_llm.recovery.reconstruct import reconstruct
+from depgraph_llm.recovery.solvers import bias_correction, least_squares, obs_select, ridge
 from tests.cli_helpers import FAST, one_line_error, run_cli, run_prune
 from tests.tiny import save_tiny_checkpoint, tiny_model
 
@@ -142,9 +142,9 @@ MEMORY_PROBE = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
     from transformers import AutoConfig, AutoModelForCausalLM
-    from depgraph_llm.coupling import build_coupling
-    from depgraph_llm.plan import PrunePlan
-    from recovery.reconstruct import reconstruct
+    from depgraph_llm.graph.coupling import build_coupling
+    from depgraph_llm.planning.plan import PrunePlan
+    from depgraph_llm.recovery.reconstruct import reconstruct
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=1536, num_attention_heads=4,
                                   num_key_value_heads=2, num_hidden_layers=int(sys.argv[1]), vocab_size=64)

@@ -113,7 +113,7 @@ def test_apply_corrupt_plan(source, tmp_path):
 
 
 def test_disk_too_small(source, tmp_path, monkeypatch, capsys):
-    import depgraph_llm.checkpoint as checkpoint
+    import depgraph_llm.checkpoint.files as checkpoint
 
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     code = cli.main(["prune", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"), "--no-eval", *FAST])

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from depgraph_llm import load_pruned
-from depgraph_llm.apply import apply_plan
-from depgraph_llm.coupling import build_coupling
+from depgraph_llm.removal.apply import apply_plan
+from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.pipeline import save_checkpoint
-from depgraph_llm.plan import PrunePlan
-from models import spec_for
+from depgraph_llm.planning.plan import PrunePlan
+from depgraph_llm.models import spec_for
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PROMPT = torch.tensor([[5, 17, 33, 2, 90, 41, 7]])

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..groups import Group, Slice
+from depgraph_llm.errors import UserError
+from depgraph_llm.graph.groups import Group, Slice
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from recovery.layerwise import Recorder, capture_layer_inputs, run_layer
-from recovery.solvers import ridge
-from ..coupling import find_layers_path
+from depgraph_llm.recovery.layerwise import Recorder, capture_layer_inputs, run_layer
+from depgraph_llm.recovery.solvers import ridge
+from depgraph_llm.graph.coupling import find_layers_path
 from .base import Estimator, register_estimator
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
-from models import ArchSpec
-from models import heterogeneous
-from .errors import UserError
+from depgraph_llm.models import ArchSpec
+from depgraph_llm.models import heterogeneous
+from depgraph_llm.errors import UserError
 
 MODELING_FILE = "modeling_depgraph.py"
 AUTO_MAP = {"AutoConfig": "modeling_depgraph.DepgraphConfig",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models import ArchSpec
-from .errors import UserError
-from .slim_config import is_heterogeneous, make_heterogeneous
+from depgraph_llm.models import ArchSpec
+from depgraph_llm.errors import UserError
+from depgraph_llm.removal.slim_config import is_heterogeneous, make_heterogeneous
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .coupling import CouplingGraph
-from .errors import UserError
+from depgraph_llm.graph.coupling import CouplingGraph
+from depgraph_llm.errors import UserError
 
 PLAN_FORMAT = 1
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .coupling import CouplingGraph
-from .errors import UserError
-from .groups import Group, GroupKind
+from depgraph_llm.graph.coupling import CouplingGraph
+from depgraph_llm.errors import UserError
+from depgraph_llm.graph.groups import Group, GroupKind
 
 log = logging.getLogger(__name__)
 RATIO_TOLERANCE = 0.01

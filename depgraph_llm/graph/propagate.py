@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from .op_rules import (FREEZING_OPS, NO_TENSOR_OPS, OP_HANDLERS, PASS_THROUGH_OPS, Syms, broadcastable,
+from depgraph_llm.graph.op_rules import (FREEZING_OPS, NO_TENSOR_OPS, OP_HANDLERS, PASS_THROUGH_OPS, Syms, broadcastable,
                        flat_args, is_elementwise, tensor_shape)
-from .symbols import AtomTable
+from depgraph_llm.graph.symbols import AtomTable
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import torch
 
-from .coupling import CouplingGraph
-from .errors import UserError
-from .groups import GroupKind
-from .planning import RATIO_TOLERANCE, ParamCounter, top_k
+from depgraph_llm.graph.coupling import CouplingGraph
+from depgraph_llm.errors import UserError
+from depgraph_llm.graph.groups import GroupKind
+from depgraph_llm.planning.budget import RATIO_TOLERANCE, ParamCounter, top_k
 
 MAX_LAYER_REMOVAL = 0.95
 NONUNIFORM = ("global", "log-increase")

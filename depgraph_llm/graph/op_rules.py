@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import Node
 
-from .symbols import AtomTable, DimSym
+from depgraph_llm.graph.symbols import AtomTable, DimSym
 
 aten = torch.ops.aten
 

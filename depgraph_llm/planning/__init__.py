@@ -1,0 +1,1 @@
+"""Planning: scores + a parameter budget -> per-group keep sets (the replayable PrunePlan)."""

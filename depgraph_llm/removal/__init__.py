@@ -1,0 +1,1 @@
+"""Removal: a plan -> physically smaller modules and a config that rebuilds them."""
