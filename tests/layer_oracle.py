@@ -1,0 +1,90 @@
+"""Fingerprints of tiny prunes (plan + weights + config) for every estimator family, schedule and reconstruction
+mode: the oracle that keeps the layer pipeline's port byte-identical to the hand-written passes it replaced.
+
+`python -m tests.layer_oracle` rewrites tests/data/layer_pipeline_oracle.json (only ever from the old code)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+ORACLE = Path(__file__).parent / "data" / "layer_pipeline_oracle.json"
+
+# name -> (architecture, prune options)
+CASES: dict[str, tuple[str, dict]] = {
+    "l2": ("llama", dict(importance="l2")),
+    "random": ("llama", dict(importance="random")),
+    "wanda-sp": ("llama", dict(importance="wanda-sp")),
+    "flap": ("llama", dict(importance="flap")),
+    "obs": ("llama", dict(importance="obs")),
+    "taylor": ("llama", dict(importance="taylor")),
+    "taylor-vector": ("llama", dict(importance="taylor-vector")),
+    "fisher": ("llama", dict(importance="fisher")),
+    "wanda-sp-hidden": ("llama", dict(importance="wanda-sp", hidden_ratio=0.25)),
+    "depth-bi": ("llama", dict(importance="l2", schedule="depth")),
+    "depth-angular": ("llama", dict(importance="l2", schedule="depth", depth_metric="angular")),
+    "log-increase-ls": ("llama", dict(importance="wanda-sp", schedule="log-increase", reconstruct="ls")),
+    "ls-local": ("llama", dict(importance="l2", reconstruct="ls", reconstruct_mode="local")),
+    "obs-sequential": ("llama", dict(importance="l2", reconstruct="obs")),
+    "bias": ("llama", dict(importance="l2", reconstruct="bias")),
+    "layer-removed-ls-local": ("llama", dict(importance="l2", layers_removed=1, reconstruct="ls",
+                                             reconstruct_mode="local")),
+    "layer-removed-obs": ("llama", dict(importance="flap", layers_removed=1, reconstruct="obs")),
+    "gpt2-obs-ls": ("gpt2", dict(importance="obs", reconstruct="ls")),
+}
+
+
+def case_model(arch: str):
+    """A tiny model with room for every schedule (4 layers, 64 MLP channels)."""
+    from tests.tiny import tiny_model
+
+    if arch == "gpt2":
+        from tests.test_architectures import tiny_arch
+
+        return tiny_arch("gpt2")
+    return tiny_model("llama", tie=True, num_hidden_layers=4, intermediate_size=64)
+
+
+def case_batches(count: int = 3, length: int = 20) -> list[torch.Tensor]:
+    return [torch.randint(3, 160, (1, length), generator=torch.Generator().manual_seed(i)) for i in range(count)]
+
+
+def fingerprint(model, plan) -> dict[str, str]:
+    """sha256 of the plan's decisions, of every tensor (name, dtype, shape, bytes) and of the config."""
+    decisions = {"keep": plan.keep, "keep_nested": plan.keep_nested, "removed_layers": plan.removed_layers,
+                 "params_after": plan.params_after, "reconstruct_report": plan.reconstruct_report}
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        weights.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    config = model.config.to_dict()
+    config.pop("transformers_version", None)
+    return {"plan": hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest(),
+            "weights": weights.hexdigest(),
+            "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()}
+
+
+def run_case(name: str, prune) -> dict[str, str]:
+    """`prune(model, batches, options dict) -> plan` on the case's model; returns its fingerprint."""
+    arch, options = CASES[name]
+    model = case_model(arch)
+    options = {"ratio": 0.3, "round_to": 1, "seed": 0, **options}
+    plan = prune(model, case_batches(), options)
+    return fingerprint(model, plan)
+
+
+def _old_prune(model, batches, options):
+    from depgraph_llm.pipeline import allocation_for, prune_in_memory
+
+    layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+    allocation = allocation_for(options, layers)
+    kwargs = {k: v for k, v in options.items() if k in ("schedule", "depth_metric", "reconstruct", "reconstruct_mode")}
+    plan, _ = prune_in_memory(model, options["importance"], batches, options["ratio"], options["round_to"],
+                              options["seed"], allocation=allocation, **kwargs)
+    return plan
+
+
+if __name__ == "__main__":
+    ORACLE.write_text(json.dumps({name: run_case(name, _old_prune) for name in CASES}, indent=1) + "\n")
