@@ -1,41 +1,25 @@
 """Estimators from input-activation statistics of each linear layer (one no-grad pass over calibration data).
 
-Cost: one forward pass; memory: two float64 vectors per linear layer (sum and sum of squares of its inputs)."""
+Cost: one forward pass, layer by layer; memory: two float64 vectors per linear layer (sum and sum of squares of its inputs)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-from .base import Estimator, register_estimator
+from depgraph_llm.graph.coupling import find_layers_path
+from depgraph_llm.layers import InMemorySource, LayerPipeline
+from depgraph_llm.layers.callbacks import InputStatistics
+from .base import Estimator, progress_bar, register_estimator
 
 
 @torch.no_grad()
 def input_statistics(model: nn.Module, batches: list[torch.Tensor],
                      show_progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-    """{weight name: {"sum", "sumsq" (in_features,), "tokens"}} of every linear layer's input."""
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    hooks = []
-
-    def make_hook(name: str):
-        def hook(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            entry = stats.setdefault(name, {"sum": 0, "sumsq": 0, "tokens": 0})
-            entry["sum"] = entry["sum"] + x.sum(0)
-            entry["sumsq"] = entry["sumsq"] + (x * x).sum(0)
-            entry["tokens"] += len(x)
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_hook(make_hook(f"{name}.weight")))
-    try:
-        for input_ids in tqdm(batches, desc="activation statistics", disable=not show_progress, leave=False):
-            model(input_ids=input_ids, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return stats
+    """{weight name: {"sum", "sumsq" (in_features,), "tokens"}} of every linear layer's input (one layer-pipeline
+    pass: inside the decoder layers one layer at a time, then the modules around them)."""
+    statistics = InputStatistics()
+    LayerPipeline(InMemorySource(model, find_layers_path(model)), [statistics],
+                  progress=progress_bar("activation statistics", show_progress)).run(batches)
+    return statistics.stats
 
 
 class _ActivationEstimator(Estimator):

@@ -59,6 +59,13 @@ def get_estimator(name: str) -> Estimator:
     return ESTIMATORS[name]()
 
 
+def progress_bar(description: str, show: bool):
+    """A layer-pipeline progress factory (tqdm over layers), or None when progress is off."""
+    if not show:
+        return None
+    return lambda items, total: tqdm(items, total=total, desc=description, disable=False, leave=False, unit="layer")
+
+
 def accumulate_gradients(model: nn.Module, batches: Iterable[torch.Tensor], show_progress: bool = True) -> None:
     """Sum the language-modelling loss gradient over calibration batches into each parameter's .grad."""
     model.zero_grad(set_to_none=True)

@@ -5,7 +5,8 @@
 - Angular distance (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers"): arccos of the
   cosine between the hidden states before layer l and before layer l+n, over pi; the n-layer block starting
   where it is smallest is the most removable.
-Cost: forward passes only (no gradients), one hidden-state tensor per layer boundary per batch.
+Cost: one layer-pipeline pass (no gradients); angular distance keeps one hidden-state tensor per layer boundary
+per batch.
 """
 from __future__ import annotations
 
@@ -14,58 +15,56 @@ import math
 import torch
 from torch import nn
 
+from depgraph_llm.layers import InMemorySource, LayerCallback, LayerPipeline, LayerStep
+from depgraph_llm.layers.callbacks import BoundaryStates
 
-def _boundary_states(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden states entering each layer, plus the output of the last one (len(layers) + 1 tensors)."""
-    states: list[torch.Tensor] = []
-    hooks = []
 
-    def grab_input(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        states.append(hidden.detach().float())
+class BlockInfluence(LayerCallback):
+    """Per layer: the sum over tokens of 1 - cosine(layer input, layer output), and the token count."""
 
-    def grab_output(module, args, kwargs, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        states.append(hidden.detach().float())
+    def __init__(self, layers: int) -> None:
+        self.totals = torch.zeros(layers, dtype=torch.float64)
+        self.tokens = 0
 
-    for layer in layers:
-        hooks.append(layer.register_forward_pre_hook(grab_input, with_kwargs=True))
-    hooks.append(layers[-1].register_forward_hook(grab_output, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return states
+    def after_layer(self, step: LayerStep) -> None:
+        for hidden, out in zip(step.stream, step.outputs):
+            cosine = torch.nn.functional.cosine_similarity(hidden.detach().float(), out.detach().float(), dim=-1)
+            self.totals[step.index] += (1 - cosine).double().sum().cpu()
+            if step.index == 0:
+                self.tokens += hidden.shape[:-1].numel()
+
+
+def _source(model: nn.Module, layers: nn.ModuleList) -> InMemorySource:
+    path = next(name for name, module in model.named_modules() if module is layers)
+    return InMemorySource(model, path)
 
 
 def block_influence(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> torch.Tensor:
     """Per layer: 1 - mean over tokens of cosine(layer input, layer output)."""
-    totals = torch.zeros(len(layers), dtype=torch.float64)
+    influence = BlockInfluence(len(layers))
+    LayerPipeline(_source(model, layers), [influence]).run(batches)
+    return influence.totals / max(influence.tokens, 1)
+
+
+def angular_matrix(states: list[list[torch.Tensor]]) -> torch.Tensor:
+    """(L+1, L+1) matrix from boundary states [batch][boundary]: [i, j] = mean arccos(cosine(h_i, h_j)) / pi."""
+    boundaries = len(states[0]) if states else 1
+    totals = torch.zeros(boundaries, boundaries, dtype=torch.float64)
     tokens = 0
-    for input_ids in batches:
-        states = _boundary_states(model, layers, input_ids)
-        for i in range(len(layers)):
-            cosine = torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=-1)
-            totals[i] += (1 - cosine).double().sum()
-        tokens += input_ids.numel()
+    for per_batch in states:
+        for i in range(boundaries):
+            for j in range(i + 1, boundaries):
+                cosine = torch.nn.functional.cosine_similarity(per_batch[i], per_batch[j], dim=-1)
+                totals[i, j] += (torch.arccos(cosine.clamp(-1, 1)) / math.pi).double().sum()
+        tokens += per_batch[0].shape[:-1].numel()
     return totals / max(tokens, 1)
 
 
 def angular_distances(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> torch.Tensor:
-    """(L+1, L+1) matrix: entry [i, j] = mean arccos(cosine(h_i, h_j)) / pi over tokens (one pass per batch)."""
-    boundaries = len(layers) + 1
-    totals = torch.zeros(boundaries, boundaries, dtype=torch.float64)
-    tokens = 0
-    for input_ids in batches:
-        states = _boundary_states(model, layers, input_ids)
-        for i in range(boundaries):
-            for j in range(i + 1, boundaries):
-                cosine = torch.nn.functional.cosine_similarity(states[i], states[j], dim=-1)
-                totals[i, j] += (torch.arccos(cosine.clamp(-1, 1)) / math.pi).double().sum()
-        tokens += input_ids.numel()
-    return totals / max(tokens, 1)
+    """(L+1, L+1) matrix: entry [i, j] = mean arccos(cosine(h_i, h_j)) / pi over tokens (one layer-pipeline pass)."""
+    boundaries = BoundaryStates()
+    LayerPipeline(_source(model, layers), [boundaries]).run(batches)
+    return angular_matrix(boundaries.states)
 
 
 def angular_distance(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], span: int,

@@ -9,38 +9,21 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from depgraph_llm.recovery.layerwise import Recorder, capture_layer_inputs, run_layer
-from depgraph_llm.recovery.solvers import ridge
 from depgraph_llm.graph.coupling import find_layers_path
-from .base import Estimator, register_estimator
+from depgraph_llm.layers import InMemorySource, LayerPipeline
+from depgraph_llm.layers.callbacks import HessianDiagonals
+from .base import Estimator, progress_bar, register_estimator
 
 
 @torch.no_grad()
 def inverse_hessian_diagonals(model: nn.Module, batches: list[torch.Tensor], damp: float = 0.01,
                               show_progress: bool = False) -> dict[str, torch.Tensor]:
     """{weight name: diag((X^T X + ridge)^-1)} for every linear layer inside the decoder layers."""
-    path = find_layers_path(model)
-    layers = model.get_submodule(path)
-    inputs = capture_layer_inputs(model, layers, batches)
-    stream, result = inputs.hidden, {}
-    for index, layer in enumerate(tqdm(layers, desc="OBS Hessians", disable=not show_progress, leave=False)):
-        grams: dict[str, torch.Tensor] = {}
-        recorder = Recorder()
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear):
-                key = f"{path}.{index}.{name}.weight"
-                recorder.inputs(module, lambda x, key=key: grams.__setitem__(
-                    key, grams.get(key, 0) + x.double().T @ x.double()))
-        try:
-            stream = run_layer(layer, stream, inputs.arguments[index])
-        finally:
-            recorder.close()
-        for key, gram in grams.items():
-            eye = torch.eye(len(gram), dtype=gram.dtype)
-            result[key] = torch.linalg.inv(gram + ridge(gram, damp) * eye).diagonal().clone()
-    return result
+    hessians = HessianDiagonals(damp)
+    LayerPipeline(InMemorySource(model, find_layers_path(model)), [hessians],
+                  progress=progress_bar("OBS Hessians", show_progress)).run(batches)
+    return hessians.result
 
 
 @register_estimator
