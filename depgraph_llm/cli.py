@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from depgraph_llm.errors import UserError
+from depgraph_llm.recover_cli import add_recover_args, add_recover_command, cmd_recover
 
 log = logging.getLogger("depgraph_llm")
 
@@ -52,6 +53,7 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan (widths, params, ratio) and write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped inside the checkpoint")
+    add_recover_args(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
     export.add_argument("--dtype", default="f16", help="f16 (default) or f32")
     export.add_argument("--overwrite", action="store_true")
+    add_recover_command(sub)
     graph = sub.add_parser("graph", help="print the coupling groups of a model")
     graph.add_argument("model_pos", nargs="?", metavar="MODEL")
     graph.add_argument("--model", help="HF model folder or .gguf file (default: the embedded model)")
@@ -110,6 +113,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code)
+    if args.recover and not args.dry_run:
+        from depgraph_llm.recover_cli import cmd_prune_and_recover
+
+        return cmd_prune_and_recover(args, options)
     result = run_prune(options)
     print(prune_summary(result.report, result.out))
     return 0
@@ -132,8 +139,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from depgraph_llm.checkpoint.files import check_not_source
     from depgraph_llm.checkpoint.gguf_export import export_gguf
 
+    check_not_source(args.out, [args.folder])
     print(f"wrote {export_gguf(args.folder, args.out, args.dtype, args.overwrite)}")
     return 0
 
@@ -143,7 +152,12 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
     from depgraph_llm.summary import groups_table
 
-    model, _ = load_model(resolve_model_path(args.model or args.model_pos), args.trust_remote_code)
+    from depgraph_llm.checkpoint.files import check_not_source
+
+    model_path = resolve_model_path(args.model or args.model_pos)
+    if args.graphml:
+        check_not_source(args.graphml, [args.model or args.model_pos, model_path], flag="--graphml")
+    model, _ = load_model(model_path, args.trust_remote_code)
     coupling = build_coupling(model)
     print(groups_table(coupling, model, show_all=args.all))
     if args.graphml:
@@ -175,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "apply": cmd_apply, "eval": cmd_eval, "graph": cmd_graph, "info": cmd_info,
-            "export-gguf": cmd_export_gguf}
+            "export-gguf": cmd_export_gguf, "recover": cmd_recover}
 
 
 def main(argv: list[str] | None = None) -> int:
