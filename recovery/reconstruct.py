@@ -24,7 +24,8 @@ from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.planning.plan import PrunePlan, axis_masks
-from .layerwise import Recorder, capture_layer_inputs, layer_iterator, run_layer
+from depgraph_llm.layers import InMemorySource, LayerCallback, LayerPipeline, LayerStep
+from depgraph_llm.layers.callbacks import Recorder
 from .solvers import bias_correction, least_squares, obs_select
 
 log = logging.getLogger(__name__)
@@ -133,60 +134,80 @@ def _consumers(modules: dict[str, nn.Module], touching: dict[tuple[str, int], li
     return consumers
 
 
+class Reconstruction(LayerCallback):
+    """The layer-pipeline stage that refits every layer's consumers in place (zeros in removed columns).
+
+    Removed layers: the dense stream goes through them in "local" mode, the pruned model skips them in
+    "sequential" mode. Kept layers: statistics on the dense run, one solve per consumer, and in "sequential"
+    mode the next layer sees the reconstructed layer's outputs."""
+
+    def __init__(self, coupling: CouplingGraph, plan: PrunePlan, method: str, mode: str, damp: float = 0.01) -> None:
+        self.coupling, self.plan, self.method, self.mode, self.damp = coupling, plan, method, mode, damp
+        self.report = ReconstructReport(method=method, mode=mode)
+        self.masks = axis_masks(coupling, plan)
+        self.touching = _slices_by_axis(coupling)
+        self.removed = set(plan.removed_layers)
+        self._consumers: list[_Consumer] = []
+        self._recorder = Recorder()
+        self._errors_before: list[float] = []
+        self._errors_after: list[float] = []
+
+    def before_layer(self, step: LayerStep) -> None:
+        self._consumers = []
+        if step.index in self.removed:
+            step.skip_run = self.mode == "sequential"
+            return
+        modules = {f"{step.name}.{name}" if name else step.name: m for name, m in step.layer.named_modules()}
+        self._consumers = _consumers(modules, self.touching, f"{step.name}.", self.masks, self.method == "obs")
+        for c in self._consumers:
+            self._recorder.inputs(c.module, c.stats.add_x)
+
+    def after_layer(self, step: LayerStep) -> None:
+        self._recorder.close()
+        if step.index in self.removed:
+            return
+        for consumer in self._consumers:
+            before, after = _solve(consumer, self.method, self.damp, self.plan)
+            self._errors_before.append(before)
+            self._errors_after.append(after)
+            self.report.reselected_groups += consumer.group is not None and self.method == "obs"
+        self.report.consumers += len(self._consumers)
+        self.report.layers += 1
+        self._consumers = []
+        if self.mode == "sequential":  # the next layer sees what the reconstructed (pruned) layer computes
+            step.next_stream = step.rerun()
+
+    def finish(self) -> None:
+        if self._errors_before:
+            self.report.relative_error_before = sum(self._errors_before) / len(self._errors_before)
+            self.report.relative_error_after = sum(self._errors_after) / len(self._errors_after)
+
+
+def prepare_reconstruction(coupling: CouplingGraph, plan: PrunePlan, batches: list[torch.Tensor], method: str,
+                           mode: str, damp: float = 0.01) -> Reconstruction | None:
+    """The reconstruction callback for a layer-pipeline pass (None for method "none"), after the checks."""
+    check_supported(coupling, plan, method, mode)
+    if method == "none":
+        return None
+    if not batches:
+        raise UserError(f"--reconstruct {method} needs calibration text; pass --calibration FILE or self")
+    return Reconstruction(coupling, plan, method, mode, damp)
+
+
 @torch.no_grad()
 def reconstruct(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, batches: list[torch.Tensor],
                 method: str = "ls", mode: str = "sequential", damp: float = 0.01, device: torch.device | None = None,
                 show_progress: bool = False) -> ReconstructReport:
     """Rewrite the consumers of every layer in place (zeros in removed columns); may update `plan.keep` (obs)."""
-    check_supported(coupling, plan, method, mode)
-    report = ReconstructReport(method=method, mode=mode)
-    if method == "none":
-        return report
-    if not batches:
-        raise UserError(f"--reconstruct {method} needs calibration text; pass --calibration FILE or self")
-    layers: nn.ModuleList = model.get_submodule(coupling.layers_path)
-    masks = axis_masks(coupling, plan)
-    modules, touching = dict(model.named_modules()), _slices_by_axis(coupling)
-    inputs = capture_layer_inputs(model, layers, batches)
-    stream = inputs.hidden
-    removed_layers = set(plan.removed_layers)
-    errors_before, errors_after = [], []
-    iterator = layer_iterator(layers, device)
+    callback = prepare_reconstruction(coupling, plan, batches, method, mode, damp)
+    if callback is None:
+        return ReconstructReport(method=method, mode=mode)
+    progress = None
     if show_progress:
-        iterator = tqdm(iterator, total=len(layers), desc=f"reconstruct ({method}, {mode})", unit="layer")
-    for index, layer in iterator:
-        arguments = inputs.arguments[index]
-        if index in removed_layers:
-            if mode == "local":  # the pruned model skips this layer; the dense stream goes through it
-                stream = run_layer(layer, stream, arguments, device)
-            continue
-        consumers = _consumers(modules, touching, f"{coupling.layers_path}.{index}.", masks, method == "obs")
-        dense_next = _gather(layer, consumers, stream, arguments, device)
-        for consumer in consumers:
-            before, after = _solve(consumer, method, damp, plan)
-            errors_before.append(before)
-            errors_after.append(after)
-            report.reselected_groups += consumer.group is not None and method == "obs"
-        report.consumers += len(consumers)
-        report.layers += 1
-        # local: go on with the dense outputs; sequential: recompute with the reconstructed (pruned) layer
-        stream = dense_next if mode == "local" else run_layer(layer, stream, arguments, device)
-    if errors_before:
-        report.relative_error_before = sum(errors_before) / len(errors_before)
-        report.relative_error_after = sum(errors_after) / len(errors_after)
-    return report
-
-
-def _gather(layer: nn.Module, consumers: list[_Consumer], stream: list[torch.Tensor], arguments,
-            device) -> list[torch.Tensor]:
-    """Accumulate every consumer's input statistics over the stream; returns the stream's next hidden states."""
-    recorder = Recorder()
-    for c in consumers:
-        recorder.inputs(c.module, c.stats.add_x)
-    try:
-        return run_layer(layer, stream, arguments, device)
-    finally:
-        recorder.close()
+        progress = lambda items, total: tqdm(items, total=total, desc=f"reconstruct ({method}, {mode})",  # noqa: E731
+                                             unit="layer")
+    LayerPipeline(InMemorySource(model, coupling.layers_path, device), [callback], progress=progress).run(batches)
+    return callback.report
 
 
 def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tuple[float, float]:
