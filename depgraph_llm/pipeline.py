@@ -18,7 +18,8 @@ from depgraph_llm import __version__
 from depgraph_llm.removal.apply import apply_plan, layer_widths, stock_config_accepts
 from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text,
                           self_generated_windows, token_windows)
-from depgraph_llm.checkpoint.files import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
+from depgraph_llm.checkpoint.files import (atomic_dir, check_free_space, check_not_source, check_output_dir,
+                                          weights_hash, write_json)
 from depgraph_llm.graph.coupling import CouplingGraph, build_coupling
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import GroupKind
@@ -219,7 +220,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     timer = _Timer()
     model_path = resolve_model_path(options.model)
     out = Path(options.out) if options.out else default_out_dir(model_path, options.ratio)
-    check_output_dir(out, options.overwrite)
+    check_output_dir(out, options.overwrite, sources=(options.model, model_path))
     with timer("load"):
         model, tokenizer = load_model(model_path, options.trust_remote_code)
         source_hash = weights_hash(model_path)
@@ -428,6 +429,7 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     check_output_dir(out, overwrite)
     timer = _Timer()
     model_path = resolve_model_path(model)
+    check_not_source(out, (model, model_path, plan_path))
     source_hash = weights_hash(model_path)
     if plan.model_hash != source_hash:
         raise UserError(f"{plan_path} was made for weights sha256 {plan.model_hash[:12]}..., but {model_path} has "
@@ -438,11 +440,14 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
         raise UserError(f"{plan_path} expects {plan.params_before} parameters before pruning; the model differs")
     check_free_space(out, plan.params_after * 4)
     coupling = couple_or_explain(loaded)
+    plan.check_against(coupling, loaded.config.model_type)
     with timer("apply"):
         apply_plan(loaded, coupling, plan, spec_for(loaded.config.model_type))
     tokenizer = pruned_tokenizer(tokenizer, plan)
-    if sum(p.numel() for p in loaded.parameters()) != plan.params_after:
-        raise RuntimeError("internal error: replayed plan gave a different parameter count")
+    replayed = sum(p.numel() for p in loaded.parameters())
+    if replayed != plan.params_after:
+        raise UserError(f"{plan_path} says params_after {plan.params_after}, replaying it gives {replayed}; "
+                        "the plan was edited or made by another version, recreate it with `prune`")
     report = plan_report(model_path, source_hash, coupling, plan, timer)
     report["replayed_from"] = str(plan_path)
     with timer("save"):

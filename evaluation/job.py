@@ -9,6 +9,7 @@ from pathlib import Path
 
 from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
 from depgraph_llm.errors import UserError
+from depgraph_llm.checkpoint.files import check_not_source
 from depgraph_llm.checkpoint.loading import cache_dir, load_model, resolve_model_path
 
 from .perplexity import perplexity
@@ -97,10 +98,24 @@ def _speed_fields(speed: dict) -> dict:
             "peak_memory_bytes": speed["peak_memory_bytes"]}
 
 
+def check_report_dir(out: Path, sources: list[Path]) -> None:
+    """The report never replaces, contains or enters a model folder (except that folder's own eval_report/, the
+    default), and replaces an existing folder only if it holds an earlier report."""
+    for source in sources:
+        if Path(out).resolve() != (Path(source) / "eval_report").resolve():
+            check_not_source(out, [source], flag="--report-dir")
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file()):
+        raise UserError(f"--report-dir {out} exists and is not an earlier evaluation report; choose a new or empty "
+                        "folder")
+
+
 def run_eval(options: EvalOptions) -> tuple[Path, dict]:
     """Evaluate every model (and the baseline) and write the report next to the first model."""
     paths = [resolve_model_path(m) for m in options.models]
     baseline_path = resolve_model_path(options.baseline) if options.baseline else None
+    out = options.report_dir or (paths[0] / "eval_report")
+    check_report_dir(out, [*paths, *([baseline_path] if baseline_path else []),
+                           *(Path(m) for m in [*options.models, options.baseline] if m)])
     text = load_text([Path(options.eval_text)] if options.eval_text else default_files(DEFAULT_EVAL_FILES))
     user_tasks = _user_task_names(options.tasks_dir) if options.tasks_dir else []
     report: dict = {"models": {}, "speed": {}, "protocol": PROTOCOL}
@@ -134,6 +149,5 @@ def run_eval(options: EvalOptions) -> tuple[Path, dict]:
                 entry.update(_speed_fields(comparison["pruned"]))
             else:
                 entry.update(_speed_fields(measure_speed(on_speed_device(model)[0]).to_dict()))
-    out = options.report_dir or (paths[0] / "eval_report")
     write_report(report, out)
     return out, report

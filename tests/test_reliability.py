@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from depgraph_llm import cli
 from tests.cli_helpers import FAST, ROOT, error_line, one_line_error, run_cli, run_prune, tree_digest
@@ -181,3 +182,169 @@ def test_pickle_weights_are_refused(source, tmp_path):
     (source / "model.safetensors").unlink()
     line = one_line_error(run_prune("--model", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"), *FAST))
     assert "safetensors" in line and not (tmp_path / "o").exists()
+
+
+# --- the source is never the output ---------------------------------------------------------------------------------
+
+def _refused(capsys, argv) -> str:
+    code = cli.main(argv)
+    line = error_line(capsys.readouterr().err)
+    assert code == 2
+    return line
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "containing"])
+def test_prune_refuses_out_at_the_source(source, tmp_path, capsys, where):
+    out = {"equal": source, "inside": source / "slim", "containing": tmp_path}[where]
+    before = tree_digest(tmp_path)
+    line = _refused(capsys, ["prune", str(source), "--ratio", "0.3", "--out", str(out), "--overwrite", "--no-eval",
+                             *FAST])
+    relation = {"equal": "is", "inside": "is inside", "containing": "contains"}[where]
+    assert f"{relation} the source {source.resolve()}" in line
+    assert tree_digest(tmp_path) == before
+
+
+def test_prune_default_out_inside_the_source_is_refused(source, capsys, monkeypatch):
+    monkeypatch.chdir(source)  # the default --out is ./<model>-pruned-<ratio>, here inside the model folder
+    before = tree_digest(source)
+    line = _refused(capsys, ["prune", str(source), "--ratio", "0.3", "--no-eval", *FAST])
+    assert "is inside the source" in line and tree_digest(source) == before
+
+
+def _plan_file(folder: Path, source: Path, **changes) -> Path:
+    """A prune_plan.json for `source` keeping 30 of 37 channels in every layer (or with `changes`)."""
+    from safetensors.torch import load_file
+
+    from depgraph_llm.checkpoint.files import weights_hash
+    from depgraph_llm.planning.plan import PrunePlan
+
+    before = sum(t.numel() for t in load_file(source / "model.safetensors").values())
+    keep = {f"layers.{i}.mlp.channels": list(range(30)) for i in range(3)}
+    plan = PrunePlan(weights_hash(source), "llama", "l2", "uniform", 0, 0.1, 1, before,
+                     before - 3 * 3 * 48 * 7, keep)
+    for key, value in changes.items():
+        setattr(plan, key, value)
+    path = folder / "prune_plan.json"
+    path.write_text(plan.to_json())
+    return path
+
+
+@pytest.mark.parametrize("where", ["model", "plan folder"])
+def test_apply_refuses_out_at_the_source(source, tmp_path, capsys, where):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    plan = _plan_file(plans, source)
+    out = source if where == "model" else plans
+    before = tree_digest(tmp_path)
+    line = _refused(capsys, ["apply", str(plan), "--model", str(source), "--out", str(out), "--overwrite"])
+    assert "the source" in line and tree_digest(tmp_path) == before
+
+
+def test_export_gguf_refuses_out_inside_the_source(source, capsys):
+    before = tree_digest(source)
+    line = _refused(capsys, ["export-gguf", str(source), "--out", str(source / "slim.gguf")])
+    assert "is inside the source" in line and tree_digest(source) == before
+
+
+def test_graphml_refuses_a_path_inside_the_source(source, capsys):
+    before = tree_digest(source)
+    line = _refused(capsys, ["graph", str(source), "--graphml", str(source / "config.json")])
+    assert "--graphml" in line and "is inside the source" in line and tree_digest(source) == before
+
+
+@pytest.mark.parametrize("where", ["model", "parent", "inside", "unrelated"])
+def test_eval_report_dir_never_replaces_a_model_or_a_user_folder(source, tmp_path, capsys, where):
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "todo.txt").write_text("mine")
+    report_dir = {"model": source, "parent": tmp_path, "inside": source / "reports",
+                  "unrelated": unrelated}[where]
+    before = tree_digest(tmp_path)
+    line = _refused(capsys, ["eval", str(source), "--report-dir", str(report_dir), "--no-speed"])
+    assert ("not an earlier evaluation report" if where == "unrelated" else "the source") in line
+    assert tree_digest(tmp_path) == before
+
+
+# --- plans: every index list is checked before anything is sliced -----------------------------------------------------
+
+def test_apply_duplicated_index_names_the_group(source, tmp_path):
+    keep = {f"layers.{i}.mlp.channels": list(range(30)) for i in range(3)}
+    keep["layers.1.mlp.channels"] = [0, 1, 1, *range(3, 30)]
+    plan = _plan_file(tmp_path, source, keep=keep)
+    line = one_line_error(run_cli("apply", str(plan), "--model", str(source), "--out", str(tmp_path / "o")))
+    assert "layers.1.mlp.channels lists index 1 more than once" in line and not (tmp_path / "o").exists()
+
+
+def test_apply_edited_parameter_count_is_one_line(source, tmp_path, capsys):
+    plan = _plan_file(tmp_path, source, params_after=12345)
+    line = _refused(capsys, ["apply", str(plan), "--model", str(source), "--out", str(tmp_path / "o")])
+    assert "says params_after 12345" in line and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_coupling():
+    from depgraph_llm import build_coupling
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama", tie=True)
+    return model, build_coupling(model)
+
+
+MLP, HEADS, QUERIES = "layers.0.mlp.channels", "layers.0.self_attn.heads", "layers.0.self_attn.heads.query_per_kv"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"keep": {MLP: [0, 2, 2, 5]}}, f"{MLP} lists index 2 more than once"),
+    ({"keep": {MLP: [3, 1, 2]}}, f"{MLP} lists its indices out of order"),
+    ({"keep": {MLP: [0, 37]}}, f"{MLP} has index 37 outside 0..36"),
+    ({"keep": {MLP: [-1, 4]}}, f"{MLP} has index -1 outside 0..36"),
+    ({"keep": {MLP: []}}, f"{MLP} keeps no unit"),
+    ({"keep": {MLP: [0, 1.5]}}, f"{MLP} must be a list of integer indices"),
+    ({"keep": {MLP: [True, 3]}}, f"{MLP} must be a list of integer indices"),
+    ({"keep": {MLP: "0,1"}}, f"{MLP} must be a list of integer indices"),
+    ({"keep": {"layers.7.mlp.channels": [0]}}, "group 'layers.7.mlp.channels', which this model does not have"),
+    ({"keep": {"layers.0": [0]}}, "layers.0 is a layer group"),
+    ({"keep": {HEADS: [1, 1]}}, f"{HEADS} lists index 1 more than once"),
+    ({"keep": {HEADS: [2]}}, f"{HEADS} has index 2 outside 0..1"),
+    ({"keep_nested": {QUERIES: [[0]]}}, f"{QUERIES} must have one row per KV group (2)"),
+    ({"keep_nested": {QUERIES: [[0], [0, 1]]}}, f"{QUERIES} keeps different numbers of query heads"),
+    ({"keep_nested": {QUERIES: [[1, 1], [0, 1]]}}, f"{QUERIES} lists index 1 more than once"),
+    ({"keep_nested": {QUERIES: [[0], [2]]}}, f"{QUERIES} has index 2 outside 0..1"),
+    ({"keep_nested": {QUERIES: [[], []]}}, f"{QUERIES} keeps no unit"),
+    ({"keep_nested": {"layers.0.mlp.channels.query_per_kv": [[0], [0]]}}, "nested group"),
+    ({"keep_nested": {HEADS: [[0], [0]]}}, "nested group"),
+    ({"removed_layers": [1, 1]}, "removed_layers lists index 1 more than once"),
+    ({"removed_layers": [3]}, "removed_layers has index 3 outside 0..2"),
+    ({"removed_layers": [0, 1, 2]}, "removes every decoder layer"),
+    ({"keep": [0, 1]}, "plan field keep must map group names"),
+    ({"format": 99}, "plan format 99"),
+    ({"model_type": "mistral"}, "made for model_type 'mistral'"),
+])
+def test_plan_checks_every_index_list(tiny_coupling, changes, message):
+    from depgraph_llm.errors import UserError
+    from depgraph_llm.models import spec_for
+    from depgraph_llm.planning.plan import PrunePlan
+    from depgraph_llm.removal.apply import apply_plan, mask_model
+
+    model, coupling = tiny_coupling
+    plan = PrunePlan("h", "llama", "l2", "uniform", 0, 0.1, 1, 0, 0)
+    for key, value in changes.items():
+        setattr(plan, key, value)
+    with pytest.raises(UserError, match=None) as caught:
+        plan.check_against(coupling, "llama")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    if "model_type" not in changes:  # every entry point that slices goes through the same check, before slicing
+        weights = {n: p.clone() for n, p in model.state_dict().items()}
+        for entry in (mask_model, lambda m, c, p: apply_plan(m, c, p, spec_for("llama"))):
+            with pytest.raises(UserError):
+                entry(model, coupling, plan)
+        assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+
+
+def test_plan_check_accepts_what_the_planner_writes(tiny_coupling):
+    from depgraph_llm.planning.plan import PrunePlan
+
+    _, coupling = tiny_coupling
+    plan = PrunePlan("h", "llama", "l2", "uniform", 0, 0.1, 1, 0, 0, keep={MLP: [0, 4, 36], HEADS: [1]},
+                     keep_nested={QUERIES: [[0], [1]]}, removed_layers=[0, 2])
+    plan.check_against(coupling, "llama")  # no error

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from depgraph_llm.errors import UserError
@@ -16,8 +16,24 @@ from depgraph_llm.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty existing --out unless --overwrite; refuse a file in its place."""
+def check_not_source(out: Path, sources: Iterable[str | Path | None], flag: str = "--out") -> None:
+    """Refuse an output path that is, lies inside, or contains a source (writing it would replace or alter it)."""
+    target = Path(out).expanduser().resolve()
+    for source in sources:
+        if source is None:
+            continue
+        origin = Path(source).expanduser().resolve()
+        relation = ("is" if target == origin else "is inside" if origin in target.parents
+                    else "contains" if target in origin.parents else None)
+        if relation:
+            raise UserError(f"{flag} {out} {relation} the source {origin}; the source is never written to, choose "
+                            "an output path outside it")
+
+
+def check_output_dir(out: Path, overwrite: bool, sources: Iterable[str | Path | None] = ()) -> None:
+    """Refuse a source folder (or a path inside or around it), a file in its place, and a non-empty existing
+    --out unless --overwrite."""
+    check_not_source(out, sources)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; choose a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import torch
 
 from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.errors import UserError
+from depgraph_llm.graph.groups import GroupKind
+
+PRUNABLE_KINDS = (GroupKind.CHANNELS, GroupKind.HEADS, GroupKind.HIDDEN, GroupKind.VOCAB, GroupKind.EXPERTS,
+                  GroupKind.EXPERT_CHANNELS)  # layers: removed_layers
 
 PLAN_FORMAT = 1
 
@@ -53,9 +58,49 @@ class PrunePlan:
         except (OSError, ValueError, TypeError) as exc:
             raise UserError(f"cannot read prune plan {path}: {exc}; pass a prune_plan.json written by depgraph-llm")
 
+    def check_against(self, coupling: CouplingGraph, model_type: str | None = None) -> None:
+        """Refuse (one line, naming the group) a plan this model cannot replay: unknown or non-prunable groups,
+        kept indices that are not sorted, unique, in range and non-empty, ragged query-head rows, bad layers."""
+        if self.format != PLAN_FORMAT:
+            raise UserError(f"plan format {self.format!r} is not {PLAN_FORMAT}; recreate the plan with this version")
+        if model_type is not None and self.model_type != model_type:
+            raise UserError(f"the plan was made for model_type {self.model_type!r}, the model is {model_type!r}; "
+                            "pass the model the plan was made from")
+        groups = coupling.by_name()
+        nested = {g.nested.name: g for g in coupling.groups if g.nested is not None}
+        for field_name, entries in (("keep", self.keep), ("keep_nested", self.keep_nested)):
+            if not isinstance(entries, dict):
+                raise UserError(f"plan field {field_name} must map group names to kept indices; recreate the plan")
+        for name, kept in self.keep.items():
+            group = groups.get(name)
+            if group is None:
+                raise UserError(f"plan names group {name!r}, which this model does not have; was it made for "
+                                "another model?")
+            if group.kind not in PRUNABLE_KINDS:
+                raise UserError(f"plan entry {name} is a {group.kind.value} group, whose units are not kept by index; "
+                                "list removed layers in removed_layers")
+            check_indices(kept, group.size, name)
+        for name, rows in self.keep_nested.items():
+            outer = nested.get(name)
+            if outer is None:
+                raise UserError(f"plan names nested group {name!r}, which this model does not have; was it made for "
+                                "another model?")
+            if not isinstance(rows, list) or len(rows) != outer.size:
+                raise UserError(f"plan entry {name} must have one row per KV group ({outer.size}); recreate the plan")
+            for row in rows:
+                check_indices(row, outer.nested.size, name)
+            if len({len(row) for row in rows}) > 1:
+                raise UserError(f"plan entry {name} keeps different numbers of query heads per KV group "
+                                f"({sorted({len(row) for row in rows})}); every KV group must keep the same number")
+        layers = len(coupling.of_kind(GroupKind.LAYER))
+        check_indices(self.removed_layers, layers, "removed_layers", allow_empty=True)
+        if layers and len(self.removed_layers) >= layers:
+            raise UserError("the plan removes every decoder layer; keep at least one")
+
 
 def unit_masks(coupling: CouplingGraph, plan: PrunePlan) -> dict[str, torch.Tensor]:
     """Boolean keep masks over units: (size,) per group, (outer, size) per nested group."""
+    plan.check_against(coupling)
     masks: dict[str, torch.Tensor] = {}
     for group in coupling.groups:
         if group.name in plan.keep:
@@ -70,6 +115,22 @@ def unit_masks(coupling: CouplingGraph, plan: PrunePlan) -> dict[str, torch.Tens
     if unknown:
         raise UserError(f"plan names groups this model does not have: {sorted(unknown)[:3]}; was it made for another model?")
     return masks
+
+
+def check_indices(indices, size: int, name: str, allow_empty: bool = False) -> None:
+    """Kept (or removed) unit indices must be a sorted list of unique integers in 0..size-1 (and not empty)."""
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise UserError(f"plan entry {name} must be a list of integer indices; recreate the plan")
+    if not indices and not allow_empty:
+        raise UserError(f"plan entry {name} keeps no unit; keep at least one")
+    repeated = [i for i, count in Counter(indices).items() if count > 1]
+    if repeated:
+        raise UserError(f"plan entry {name} lists index {min(repeated)} more than once; each index once, ascending")
+    if any(a > b for a, b in zip(indices, indices[1:])):
+        raise UserError(f"plan entry {name} lists its indices out of order; sort them ascending")
+    if indices and (indices[0] < 0 or indices[-1] >= size):
+        raise UserError(f"plan entry {name} has index {indices[0] if indices[0] < 0 else indices[-1]} outside "
+                        f"0..{size - 1}; was it made for another model?")
 
 
 def _mask(size: int, kept: list[int], name: str) -> torch.Tensor:
