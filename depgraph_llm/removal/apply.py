@@ -40,15 +40,26 @@ def mask_model(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan) -> No
 
 
 def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> nn.Module:
-    """Physically remove what `plan` prunes from `model` (in place) and rewrite `model.config`."""
-    masks = axis_masks(coupling, plan)
-    dense_fields = {f: getattr(model.config, f) for f in _width_field_names(spec) if hasattr(model.config, f)}
-    params = dict(model.named_parameters())
-    owners = _owners(model)
+    """Physically remove what `plan` prunes from `model` (in place) and rewrite `model.config`: every decoder
+    layer's slice step, then the final step (the rest of the model and the config)."""
+    if coupling.layers_path is not None:
+        masks = axis_masks(coupling, plan)
+        for index, layer in enumerate(model.get_submodule(coupling.layers_path)):
+            slice_layer(layer, index, coupling, plan, spec, masks)
+    return finish_plan(model, coupling, plan, spec)
+
+
+def _slice_parameters(root: nn.Module, prefix: str, masks: dict[tuple[str, int], torch.Tensor],
+                      skip: str | None = None) -> None:
+    """Slice the parameters of `root` (named `prefix` + local name) along their pruned axes, in place; names
+    starting with `skip` are left alone (already sliced)."""
+    params = dict(root.named_parameters())
+    owners = _owners(root)
     by_param: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     for (name, axis), keep in masks.items():
-        if not bool(keep.all()):
-            by_param[name][axis] = keep.nonzero().flatten()
+        local = name[len(prefix):] if name.startswith(prefix) else None
+        if local in params and not (skip and name.startswith(skip)) and not bool(keep.all()):
+            by_param[local][axis] = keep.nonzero().flatten()
     for name, axes in by_param.items():
         old = params[name]
         data = old.data
@@ -57,6 +68,28 @@ def apply_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec:
         new = nn.Parameter(data.contiguous(), requires_grad=old.requires_grad)
         for module, attr in owners[id(old)]:
             setattr(module, attr, new)
+
+
+def slice_layer(layer: nn.Module, index: int, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec,
+                masks: dict[tuple[str, int], torch.Tensor] | None = None) -> nn.Module:
+    """The per-layer step: slice decoder layer `index` (a module on its own, e.g. streamed from disk) and set its
+    modules' sizes and head counts; the layer then computes what it will in the slim model."""
+    masks = axis_masks(coupling, plan) if masks is None else masks
+    _slice_parameters(layer, f"{coupling.layers_path}.{index}.", masks)
+    _fix_module_sizes(layer)
+    counts = head_counts(coupling, plan).get(index)
+    if counts is not None:
+        module_path = module_path_of(counts["module"], coupling.layers_path)
+        _set_attention_attrs(layer, module_path[len(f"{coupling.layers_path}.{index}."):], counts, spec)
+    return layer
+
+
+def finish_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> nn.Module:
+    """The final step, once every decoder layer is sliced: the parameters outside the layers (embeddings, final
+    norm, head), module attributes, removed layers and the config."""
+    masks = axis_masks(coupling, plan)
+    dense_fields = {f: getattr(model.config, f) for f in _width_field_names(spec) if hasattr(model.config, f)}
+    _slice_parameters(model, "", masks, skip=f"{coupling.layers_path}." if coupling.layers_path else None)
     _fix_module_sizes(model)
     hidden_change = _hidden_change(coupling, plan)
     if hidden_change:
@@ -126,14 +159,17 @@ def head_counts(coupling: CouplingGraph, plan: PrunePlan) -> dict[int, dict[str,
 
 def _fix_attention_attrs(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> None:
     for layer, counts in head_counts(coupling, plan).items():
-        module_path = module_path_of(counts["module"], coupling.layers_path)
-        try:
-            attention = model.get_submodule(module_path)
-        except AttributeError:
-            continue
-        for attr, which in spec.attention_attrs.items():
-            if isinstance(getattr(attention, attr, None), int):
-                setattr(attention, attr, counts[which])
+        _set_attention_attrs(model, module_path_of(counts["module"], coupling.layers_path), counts, spec)
+
+
+def _set_attention_attrs(root: nn.Module, module_path: str, counts: dict, spec: ArchSpec) -> None:
+    try:
+        attention = root.get_submodule(module_path)
+    except AttributeError:
+        return
+    for attr, which in spec.attention_attrs.items():
+        if isinstance(getattr(attention, attr, None), int):
+            setattr(attention, attr, counts[which])
 
 
 def _remove_layers(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> None:
