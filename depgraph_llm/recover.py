@@ -88,7 +88,7 @@ class RecoverOptions:
         if self.slim is None or not (Path(self.slim) / "config.json").is_file():
             raise UserError(f"{self.slim} is not a checkpoint folder (no config.json); pass a folder written by "
                             "`depgraph-llm prune`")
-        check_output_dir(self.output_dir(), self.overwrite)
+        check_output_dir(self.output_dir(), self.overwrite, sources=(self.slim, self.source_model))
 
 
 @dataclass
@@ -290,7 +290,7 @@ def run_prune_and_recover(prune_options, options: RecoverOptions,
     prune_options.validate()
     model_path = resolve_model_path(prune_options.model)
     out = (Path(prune_options.out) if prune_options.out else default_out_dir(model_path, prune_options.ratio)).resolve()
-    check_output_dir(out, prune_options.overwrite)
+    check_output_dir(out, prune_options.overwrite, sources=(prune_options.model, model_path))
     stage = out.parent / f".{out.name}.pruned"
     teacher = str(model_path) if options.teacher == TEACHER_DENSE else options.teacher
     options = replace(options, slim=stage, out=out, teacher=teacher, source_model=str(model_path),

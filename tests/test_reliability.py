@@ -348,3 +348,12 @@ def test_plan_check_accepts_what_the_planner_writes(tiny_coupling):
     plan = PrunePlan("h", "llama", "l2", "uniform", 0, 0.1, 1, 0, 0, keep={MLP: [0, 4, 36], HEADS: [1]},
                      keep_nested={QUERIES: [[0], [1]]}, removed_layers=[0, 2])
     plan.check_against(coupling, "llama")  # no error
+
+
+@pytest.mark.parametrize("argv", [["recover", "{src}", "--out", "{src}", "--overwrite"],
+                                  ["prune", "{src}", "--ratio", "0.3", "--recover", "lora", "--out", "{src}/r",
+                                   "--no-eval"]])
+def test_recover_refuses_out_at_the_source(source, tmp_path, capsys, argv):
+    before = tree_digest(tmp_path)
+    line = _refused(capsys, [a.format(src=source) for a in argv])
+    assert "the source" in line and tree_digest(tmp_path) == before
