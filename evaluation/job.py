@@ -12,6 +12,7 @@ from depgraph_llm.errors import UserError
 from depgraph_llm.checkpoint.files import check_not_source
 from depgraph_llm.checkpoint.loading import cache_dir, load_model, resolve_model_path
 
+from .loss_plot import recovery_loss_curve
 from .perplexity import perplexity
 from .report import write_report
 from .speed import compare_speed, measure_speed
@@ -129,6 +130,8 @@ def run_eval(options: EvalOptions) -> tuple[Path, dict]:
             entry = {"path": str(path), "params": sum(p.numel() for p in model.parameters()),
                      "perplexity": perplexity(model, tokenizer, text, options.seq_len, options.eval_tokens).perplexity,
                      "layer_widths": _widths(path)}
+            if recovery_loss_curve(path):
+                entry["recovery_loss_curve"] = recovery_loss_curve(path)
             accuracy = evaluate_tasks(model, tokenizer, Path(tmp), list(chance), limit=options.limit)
             if user_tasks:
                 accuracy.update(evaluate_tasks(model, tokenizer, options.tasks_dir, user_tasks, limit=options.limit))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from depgraph_llm.checkpoint.files import atomic_dir
 
+from .loss_plot import plot_loss_curves
+
 
 def _markdown(report: dict) -> str:
     models = report["models"]
@@ -34,6 +36,8 @@ def _markdown(report: dict) -> str:
                       f"x{s['ideal_speedup_flops']:.2f}"]
     lines += ["", "Protocol: " + report.get("protocol", ""), "", "![perplexity](perplexity.png)",
               "![widths](layer_widths.png)", "![speed](speedup.png)"]
+    if any(m.get("recovery_loss_curve") for m in models.values()):
+        lines.append("![recovery loss](recovery_loss.png)")
     return "\n".join(lines) + "\n"
 
 
@@ -67,6 +71,9 @@ def _plots(report: dict, folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "layer_widths.png", dpi=110)
     plt.close(fig)
+
+    plot_loss_curves({label: m.get("recovery_loss_curve") for label, m in models.items()},
+                     folder / "recovery_loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = list(report.get("speed", {}))
