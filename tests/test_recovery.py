@@ -214,3 +214,16 @@ def test_masked_refuses_hidden_pruning(tmp_path):
     plan.keep[hidden.name] = list(range(hidden.size - 4))
     with pytest.raises(UserError, match="hidden"):
         get_trainer("masked", coupling=coupling, plan=plan, spec=spec_for("llama"))
+
+
+def test_loss_curve_png_when_the_report_has_one(tmp_path):
+    from depgraph_llm.evaluation.loss_plot import plot_loss_curves, recovery_loss_curve
+
+    folder = tmp_path / "recovered"
+    folder.mkdir()
+    (folder / "prune_report.json").write_text(json.dumps({"recovery": {"loss_curve": [[1, 3.0], [2, 2.5], [3, 2.0]]}}))
+    curve = recovery_loss_curve(folder)
+    assert curve == [[1, 3.0], [2, 2.5], [3, 2.0]] and recovery_loss_curve(tmp_path) is None
+    assert plot_loss_curves({"recovered": curve}, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_loss_curves({"plain": None}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
