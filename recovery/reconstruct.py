@@ -213,6 +213,8 @@ def reconstruct(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, batc
 def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tuple[float, float]:
     """New weights for one consumer; returns the relative output error before and after (on calibration)."""
     stats, module = consumer.stats, consumer.module
+    if method == "bias" and module.bias is None:  # refuse before anything (weights, plan) is written
+        raise UserError(f"{consumer.name} has no bias to hold the compensation; use --reconstruct ls")
     transposed = input_axis(module) == 0  # Conv1D: (in, out); solve in the linear (out, in) layout
     weight = module.weight.detach().double().cpu()
     weight = weight.T if transposed else weight
@@ -247,8 +249,6 @@ def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tu
     module.weight.copy_((full.T if transposed else full).to(module.weight.dtype))
     if module.bias is not None:
         module.bias.copy_(new_bias.to(module.bias.dtype))
-    elif method == "bias":
-        raise UserError(f"{consumer.name} has no bias to hold the compensation; use --reconstruct ls")
     return before, after
 
 

@@ -357,3 +357,22 @@ def test_recover_refuses_out_at_the_source(source, tmp_path, capsys, argv):
     before = tree_digest(tmp_path)
     line = _refused(capsys, [a.format(src=source) for a in argv])
     assert "the source" in line and tree_digest(tmp_path) == before
+
+
+def test_bias_reconstruction_without_a_bias_writes_nothing():
+    """_solve refuses before it writes: the refitted weight must not land in a layer it then gives up on."""
+    from depgraph_llm import build_coupling
+    from depgraph_llm.errors import UserError
+    from depgraph_llm.planning.plan import PrunePlan
+    from depgraph_llm.recovery.reconstruct import reconstruct
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama")  # no biases anywhere (the pipeline would add zero biases first)
+    coupling = build_coupling(model)
+    plan = PrunePlan("h", "llama", "l2", "uniform", 0, 0.1, 1, 0, 0,
+                     keep={f"layers.{i}.mlp.channels": list(range(0, 37, 2)) for i in range(3)})
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    batches = [torch.randint(0, 160, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(UserError, match="has no bias to hold the compensation"):
+        reconstruct(model, coupling, plan, batches, "bias", "local")
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
