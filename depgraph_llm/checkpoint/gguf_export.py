@@ -1,8 +1,9 @@
 """Export a uniform Llama-family slim checkpoint to GGUF (f32/f16) so llama.cpp users can run it.
 
 Tensor names, metadata keys and the rotary row order of q/k follow llama.cpp's own HF converter (llama.cpp
-interleaves the two rotary halves; Hugging Face keeps them as blocks). Byte-level BPE tokenizers
-(tokenizer.json model type BPE) are written as llama.cpp's "gpt2" tokenizer.
+interleaves the two rotary halves; Hugging Face keeps them as blocks). The tokenizer metadata comes from
+`gguf_tokenizer` (byte-level BPE as "gpt2" with llama.cpp's pre-tokenizer name, SentencePiece BPE as "llama"), RoPE
+scaling from `gguf_rope`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from depgraph_llm.checkpoint.files import corrupt_weights_error, read_checkpoint_config
+from depgraph_llm.checkpoint.gguf_rope import add_rope
+from depgraph_llm.checkpoint.gguf_tokenizer import read_vocab, write_vocab
 from depgraph_llm.errors import UserError
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
@@ -36,38 +39,6 @@ def _tensor_names(layers: int) -> dict[str, str]:
         for hf, gg in parts.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
     return names
-
-
-def _add_tokenizer(writer, folder: Path) -> None:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{folder} has no tokenizer.json; GGUF export needs a fast BPE tokenizer")
-    data = json.loads(path.read_text())
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise UserError(f"GGUF export supports byte-level BPE tokenizers; {path} is {model.get('type')!r}")
-    vocab: dict[str, int] = dict(model["vocab"])
-    special = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    vocab.update(special)
-    size = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [5] * size  # 5 = unused until filled
-    for token, index in vocab.items():
-        tokens[index] = token
-        types[index] = 3 if token in special else 1  # 3 = control, 1 = normal
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
-    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                     ("pad_token", writer.add_pad_token_id), ("unk_token", writer.add_unk_token_id)):
-        token = config.get(key)
-        token = token.get("content") if isinstance(token, dict) else token
-        if token in vocab:
-            add(vocab[token])
 
 
 def export_gguf(folder: Path, out: Path, dtype: str = "f16", overwrite: bool = False) -> Path:
@@ -94,9 +65,11 @@ def export_gguf(folder: Path, out: Path, dtype: str = "f16", overwrite: bool = F
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    vocab = read_vocab(folder, config["vocab_size"])
     writer_path = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(writer_path), arch)
     try:
+        writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(folder.name)
         writer.add_context_length(config.get("max_position_embeddings", 2048))
         writer.add_embedding_length(config["hidden_size"])
@@ -107,12 +80,14 @@ def export_gguf(folder: Path, out: Path, dtype: str = "f16", overwrite: bool = F
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
         writer.add_rope_dimension_count(head_dim)
-        rope = config.get("rope_parameters") or {}
-        writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+        extra_tensors = add_rope(writer, config, head_dim)
         writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
         writer.add_vocab_size(config["vocab_size"])
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-        _add_tokenizer(writer, folder)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_vocab(writer, vocab)
+        for name, tensor in extra_tensors.items():
+            writer.add_tensor(name, tensor.numpy().astype(np.float32))
         names = _tensor_names(layers)
         for name, tensor in tensors.items():
             if name not in names:
