@@ -39,6 +39,8 @@ def prune_summary(report: dict, out: Path) -> str:
     rows = [
         ["model", report["source"]["path"]],
         ["importance / schedule", f"{report['importance']} / {report['schedule']}"],
+        *([["units chosen by", ", ".join(f"{k}: {v}" for k, v in report["chosen_by"].items())]]
+          if set((report.get("chosen_by") or {}).values()) - {report["importance"]} else []),
         ["reconstruction", _reconstruction(report)],
         *([["mode", "dry run: nothing was written"]] if report.get("dry_run") else []),
         ["parameters", f"{_fmt_params(report['params_before'])} -> {_fmt_params(report['params_after'])}"],

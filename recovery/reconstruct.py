@@ -252,6 +252,9 @@ def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tu
     return before, after
 
 
+OBS_CHOOSER = "obs-reconstruction"  # what PrunePlan.chosen_by records for units OBS re-chose
+
+
 def _obs_keep(consumer: _Consumer, weight, gram, damp: float, plan: PrunePlan) -> torch.Tensor:
     """Replace the plan's choice of units for the consumer's group by the OBS choice of the same count."""
     units = consumer.units
@@ -259,6 +262,7 @@ def _obs_keep(consumer: _Consumer, weight, gram, damp: float, plan: PrunePlan) -
     removed = set(obs_select(weight, gram, units, n_remove, damp))
     kept_units = [u for u in range(len(units)) if u not in removed]
     plan.keep[consumer.group] = kept_units
+    plan.chosen_by[consumer.group] = OBS_CHOOSER
     keep = torch.zeros_like(consumer.keep)
     for u in kept_units:
         keep[units[u]] = True

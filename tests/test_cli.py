@@ -1,7 +1,9 @@
 """prune.py end to end on a tiny checkpoint, and one-line errors for bad input."""
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,23 +15,47 @@ from tests.cli_helpers import FAST, ROOT, run_prune, tree_digest
 def test_prune_end_to_end(tiny_checkpoint, tmp_path):
     out = tmp_path / "slim"
     before = tree_digest(tiny_checkpoint)
-    result = run_prune("--model", str(tiny_checkpoint), "--ratio", "0.3", "--out", str(out), *FAST)
+    result = run_prune("--model", str(tiny_checkpoint), "--ratio", "0.3", "--out", str(out), *FAST,
+                       "--eval-text", str(EVAL_TEXT))
     assert result.returncode == 0, result.stderr
     assert "ratio requested / achieved" in result.stdout and "perplexity" in result.stdout
+    assert "units chosen by" in result.stdout and "channels: obs-reconstruction" in result.stdout
     assert tree_digest(tiny_checkpoint) == before  # the source is untouched
     for name in ("model.safetensors", "config.json", "tokenizer.json", "prune_report.json", "prune_plan.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "prune_report.json").read_text())
     plan = json.loads((out / "prune_plan.json").read_text())
     assert abs(report["ratio_achieved"] - 0.3) <= 0.01 and plan["estimator"] == "taylor" and plan["keep"]
-    assert report["perplexity"]["before"]["perplexity"] > 1 and report["perplexity"]["after"]["perplexity"] > 1
+    # the default OBS reconstruction re-chose the MLP channels: the plan and report say so, not only "taylor"
+    mlp_groups = {name for name in plan["keep"] if name.endswith(".mlp.channels")}
+    assert mlp_groups and plan["chosen_by"] == {name: "obs-reconstruction" for name in mlp_groups}
+    assert report["chosen_by"]["channels"] == "obs-reconstruction"
+    assert all(v == "taylor" for k, v in report["chosen_by"].items() if k != "channels")
     model = AutoModelForCausalLM.from_pretrained(out)
+    # perplexity before/after equals HF's own loss on the same windows (an independent computation)
+    for side, folder in (("before", tiny_checkpoint), ("after", out)):
+        measured = report["perplexity"][side]
+        assert measured["perplexity"] == pytest.approx(
+            hf_perplexity(folder, measured["seq_len"], measured["windows"]), rel=1e-4), side
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("This License", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 4
     assert not list(tmp_path.glob(".slim.tmp-*"))  # no temp folder left behind
+
+
+EVAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
+
+
+def hf_perplexity(folder: Path, seq_len: int, windows: int) -> float:
+    """exp(mean token NLL) from transformers' own loss over the first `windows` windows of EVAL_TEXT."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(EVAL_TEXT.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        losses = [model(input_ids=ids[i * seq_len:(i + 1) * seq_len][None],
+                        labels=ids[i * seq_len:(i + 1) * seq_len][None]).loss for i in range(windows)]
+    return math.exp(float(torch.stack(losses).mean()))
 
 
 def test_graph_command_prints_groups(tiny_checkpoint):

@@ -12,6 +12,7 @@ from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import GroupKind
 
+VOCAB_CHOOSER = "calibration-token-counts"  # --vocab-keep keeps the tokens the calibration text produces
 PRUNABLE_KINDS = (GroupKind.CHANNELS, GroupKind.HEADS, GroupKind.HIDDEN, GroupKind.VOCAB, GroupKind.EXPERTS,
                   GroupKind.EXPERT_CHANNELS)  # layers: removed_layers
 
@@ -38,11 +39,26 @@ class PrunePlan:
     reconstruct_mode: str = ""
     reconstruct_report: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
+    chosen_by: dict[str, str] = field(default_factory=dict)  # group -> what re-chose its units, if not `estimator`
     format: int = PLAN_FORMAT
 
     @property
     def ratio_achieved(self) -> float:
         return 1.0 - self.params_after / self.params_before
+
+    def chosen_by_kind(self, coupling: CouplingGraph) -> dict[str, str]:
+        """Per group kind, what chose the kept units: the estimator, or what replaced its choice (OBS
+        reconstruction re-chooses MLP channels), calibration token counts for the vocabulary, the depth metric."""
+        nested = {g.nested.name: g for g in coupling.groups if g.nested is not None}
+        kinds = {g.name: g.kind.value for g in coupling.groups}
+        choosers: dict[str, set[str]] = {}
+        for name in [*self.keep, *self.keep_nested]:
+            kind = kinds.get(name) or (nested[name].kind.value if name in nested else "unknown")
+            default = VOCAB_CHOOSER if kind == GroupKind.VOCAB.value else self.estimator
+            choosers.setdefault(kind, set()).add(self.chosen_by.get(name, default))
+        if self.removed_layers:
+            choosers[GroupKind.LAYER.value] = {self.schedule}
+        return {kind: ", ".join(sorted(names)) for kind, names in sorted(choosers.items())}
 
     def to_json(self) -> str:
         data = asdict(self)
