@@ -69,7 +69,9 @@ def build_coupling(model: nn.Module, trace: Trace | None = None) -> CouplingGrap
     embedding_params = {param_names[n] for n in prop.embedding_params if n in param_names}
     slices_by_class, graph = _collect_slices(prop)
     output_classes = {prop.atoms.find(leaf) for atom in prop.output_atoms for leaf in prop.atoms.leaves(atom)}
-    groups = _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, output_classes)
+    routed = {prop.atoms.find(atom) for atom in prop.routed_atoms}
+    groups = _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, output_classes, routed)
+    _mark_expert_channels(groups)
     groups = [g for g in groups if g.kind != GroupKind.VOCAB or _is_token_rows(g, model, canonical)]
     for group in groups:
         if group.kind == GroupKind.HEADS and group.nested is None:
@@ -144,7 +146,8 @@ def _collect_slices(prop: Propagation) -> tuple[dict[int, list[tuple]], nx.Graph
     return by_class, graph
 
 
-def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, output_classes) -> list[Group]:
+def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, output_classes,
+                routed: set[int] = frozenset()) -> list[Group]:
     atoms = prop.atoms
     groups: list[Group] = []
     roots_by_component: dict[frozenset, list[int]] = defaultdict(list)
@@ -162,7 +165,7 @@ def _cut_groups(prop, slices_by_class, graph, layers_path, embedding_params, out
             atoms.size[r] > 1 or any(_nested_in(slices_by_class[n], r, slices_by_class[r]) for n in repeats))]
         for root in outers:
             group = _make_group(root, slices_by_class[root], atoms, layers_path, embedding_params,
-                                root in output_classes)
+                                root in output_classes, root in routed)
             nested = [r for r in repeats if _nested_in(slices_by_class[r], root, slices_by_class[root])]
             if nested and group.kind == GroupKind.HEADS:
                 group.nested = _make_nested(group, nested[0], slices_by_class[nested[0]], slices_by_class[root])
@@ -197,10 +200,12 @@ def _within_head(places) -> bool:
     return any(len(factors) > 1 and position == len(factors) - 1 for _, _, factors, position, _, _ in places)
 
 
-def _make_group(root, places, atoms, layers_path, embedding_params, is_output) -> Group:
+def _make_group(root, places, atoms, layers_path, embedding_params, is_output, is_routed=False) -> Group:
     slices = tuple(sorted(Slice(p, a, f, pos, None, off, ext) for p, a, f, pos, off, ext in places))
     kind = GroupKind.CHANNELS
-    if is_output or any(s.param in embedding_params and s.axis == 0 for s in slices):
+    if is_routed:  # the axis routing indices point into: experts
+        kind = GroupKind.EXPERTS
+    elif is_output or any(s.param in embedding_params and s.axis == 0 for s in slices):
         kind = GroupKind.VOCAB
     elif any(s.param in embedding_params and s.axis == 1 for s in slices):
         kind = GroupKind.HIDDEN
@@ -247,8 +252,17 @@ def _name_for(slices, kind: GroupKind, layers_path: str | None) -> tuple[int | N
         if match:
             layer = int(match.group(1))
             path = f"layers.{layer}" + (f".{match.group(2)}" if match.group(2) else "")
-    suffix = {GroupKind.HEADS: "heads", GroupKind.VOCAB: "vocab"}.get(kind, "channels")
+    suffix = {GroupKind.HEADS: "heads", GroupKind.VOCAB: "vocab", GroupKind.EXPERTS: "experts"}.get(kind, "channels")
     return layer, f"{path}.{suffix}" if path else suffix
+
+
+def _mark_expert_channels(groups: list[Group]) -> None:
+    """Channel groups inside fused expert tensors (an axis of a parameter whose other axis is an experts group)
+    are the experts' shared intermediate width: one width for every expert of the layer."""
+    expert_params = {s.param for g in groups if g.kind == GroupKind.EXPERTS for s in g.slices}
+    for group in groups:
+        if group.kind == GroupKind.CHANNELS and any(s.param in expert_params for s in group.slices):
+            group.kind = GroupKind.EXPERT_CHANNELS
 
 
 def _layer_groups(model: nn.Module, layers_path: str | None) -> list[Group]:

@@ -16,6 +16,8 @@ class GroupKind(str, Enum):
     HIDDEN = "hidden"      # one unit = one channel of the residual stream, across every layer
     VOCAB = "vocab"        # one unit = one token row of the embedding / LM head
     LAYER = "layer"        # the single unit is a whole decoder layer
+    EXPERTS = "experts"    # one unit = one routed expert (router row + slice e of every fused expert tensor)
+    EXPERT_CHANNELS = "expert_channels"  # one unit = one intermediate channel shared by all experts of a layer
 
 
 @dataclass(frozen=True, order=True)

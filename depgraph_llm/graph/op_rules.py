@@ -485,3 +485,6 @@ def _getitem(p, node: Node) -> Syms | None:
     if isinstance(parent, list) and parent and isinstance(parent[0], list):
         return parent[node.args[1]]
     return p.data_syms(node)
+
+
+from depgraph_llm.graph import routing_rules  # noqa: E402,F401  (registers the routed-expert rules)

@@ -15,6 +15,7 @@ from torch.fx import Node
 
 from depgraph_llm.graph.op_rules import (FREEZING_OPS, NO_TENSOR_OPS, OP_HANDLERS, PASS_THROUGH_OPS, Syms, broadcastable,
                        flat_args, is_elementwise, tensor_shape)
+from depgraph_llm.graph.routing_rules import carry_value_atom
 from depgraph_llm.graph.symbols import AtomTable
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ class Propagation:
     embedding_params: set[str] = field(default_factory=set)
     unknown_ops: set[str] = field(default_factory=set)
     output_atoms: set[int] = field(default_factory=set)
+    value_atoms: dict[str, object] = field(default_factory=dict)  # index tensors -> the axis their values index
+    routed_atoms: set[int] = field(default_factory=set)  # expert axes reached through routing indices
 
     def of(self, arg: object) -> Syms | None:
         """Symbols of a graph argument (None for constants and non-tensors)."""
@@ -79,6 +82,7 @@ class Propagation:
             return
         else:
             self.syms[node.name] = self.fallback(node)
+        carry_value_atom(self, node)
 
     def fallback(self, node: Node) -> Syms | None:
         tensor_args = [a for a in flat_args(node) if isinstance(a, Node) and tensor_shape(a) is not None]

@@ -26,6 +26,10 @@ def meta_copy(model: nn.Module) -> nn.Module:
     """A weightless copy of `model` (same class, same config) on the meta device."""
     config = copy.deepcopy(model.config)
     config.use_cache = False
+    if getattr(config, "_experts_implementation", None) == "eager":
+        # the eager experts loop over the experts that received tokens (data-dependent): export cannot follow it;
+        # batched_mm computes the same function with static shapes (gather each token's expert weights)
+        config._experts_implementation = "batched_mm"
     with torch.device("meta"):
         clone = type(model)(config)
     clone.eval()
