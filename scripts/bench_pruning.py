@@ -60,7 +60,8 @@ def measure(model, tokenizer, eval_text: str, cache: ScoreCache, calibration: li
     torch.manual_seed(0)
     start = time.perf_counter()
     try:
-        plan, _ = pipeline.prune_in_memory(pruned, calibration=calibration, ratio=ratio, **options)
+        plan, _ = pipeline.prune_in_memory(pruned, calibration, pipeline.PruneOptions(
+            ratio=ratio, show_progress=False, **{"reconstruct": "none", **options}))
     except UserError as exc:
         return {"error": str(exc)}
     seconds = time.perf_counter() - start
@@ -93,9 +94,23 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-pruning"))
     parser.add_argument("--replot", action="store_true", help="only rewrite results.md and the plot from results.json")
+    parser.add_argument("--calibration-study", action="store_true",
+                        help="only the multi-register calibration table (scripts/bench_calibration.py)")
+    parser.add_argument("--study-sources", default=None,
+                        help="comma-separated calibration sources for --calibration-study (default: all)")
+    parser.add_argument("--study-no-dense", action="store_true", help="--calibration-study without the dense row")
     args = parser.parse_args()
     if args.replot:
         replot(args.out)
+        return
+    if args.calibration_study:
+        from scripts.bench_calibration import default_sources, run
+
+        out = args.out if args.out != parser.get_default("out") else Path("docs/results/bench-calibration")
+        model, tokenizer = load_model(resolve_model_path(args.model))
+        sources = args.study_sources.split(",") if args.study_sources else default_sources()
+        run(out, model, tokenizer, str(resolve_model_path(args.model)), [float(r) for r in args.ratios.split(",")],
+            sources, dense=not args.study_no_dense)
         return
     ratios = [float(r) for r in args.ratios.split(",") if r]
     model, tokenizer = load_model(resolve_model_path(args.model))
