@@ -8,7 +8,7 @@ Two tokenizer models, chosen from tokenizer.json (a BPE model either way):
   score; the score written is minus the rank of the first merge that builds the token, so it merges in the HF
   tokenizer's order (llama.cpp's converter writes -1000 for every token when there is no tokenizer.model).
 Token types, special ids and the chat template are read as llama.cpp's converter reads them; whether BOS / EOS are
-added is measured by encoding a probe with the HF tokenizer itself.
+added (and a separator between a pair) is measured by encoding a probe with the HF tokenizer itself.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class GgufVocab:
     special_ids: dict[str, int]
     add_bos: bool
     add_eos: bool
+    add_sep: bool
     add_space_prefix: bool | None
     chat_template: str | list | None
 
@@ -150,6 +151,17 @@ def _adds(tokenizer, token_id: int | None) -> tuple[bool, bool]:
             extra and with_special[-1] == token_id and plain[-1:] != [token_id])
 
 
+def _adds_separator(tokenizer, token_id: int | None) -> bool:
+    """Whether encoding a pair of texts puts `token_id` between them."""
+    if token_id is None:
+        return False
+    try:
+        pair = tokenizer.encode("a", "b")
+    except (TypeError, ValueError):  # a tokenizer without pair support
+        return False
+    return token_id in pair[1:-1] and token_id not in tokenizer.encode("a b", add_special_tokens=False)
+
+
 def _space_prefix(data: dict, family: str, tok_config: dict) -> bool | None:
     """Whether a space is prepended to the text: the Metaspace scheme (SentencePiece), else the config's flag."""
     if family == "llama":
@@ -212,7 +224,8 @@ def read_vocab(folder: Path, vocab_size: int) -> GgufVocab:
     return GgufVocab(model=family, pre=_pre_tokenizer(tokenizer, family, tok_config, path), tokens=tokens,
                      types=types, scores=_merge_scores(data, tokens) if family == "llama" else None,
                      merges=_gguf_merges(data) if family == "gpt2" else [], special_ids=special, add_bos=add_bos,
-                     add_eos=add_eos, add_space_prefix=_space_prefix(data, family, tok_config),
+                     add_eos=add_eos, add_sep=_adds_separator(tokenizer, special.get("sep", special.get("eos"))),
+                     add_space_prefix=_space_prefix(data, family, tok_config),
                      chat_template=_chat_template(folder, tok_config))
 
 
@@ -230,6 +243,7 @@ def write_vocab(writer, vocab: GgufVocab) -> None:
         getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(vocab.add_eos)
+    writer.add_add_sep_token(vocab.add_sep)
     if vocab.add_space_prefix is not None:
         writer.add_add_space_prefix(vocab.add_space_prefix)
     if vocab.chat_template is not None:
