@@ -16,8 +16,8 @@ from depgraph_llm.evaluation.perplexity import perplexity
 from depgraph_llm.models import nearest_supported, spec_for
 from depgraph_llm import __version__
 from depgraph_llm.removal.apply import apply_plan, layer_widths, stock_config_accepts
-from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text,
-                          self_generated_windows, token_windows)
+from depgraph_llm.calibration import (CalibrationSource, default_calibration_source, default_eval_part, file_source,
+                                      generated_eval_text, load_text, self_source, token_windows)
 from depgraph_llm.checkpoint.files import (atomic_dir, check_free_space, check_not_source, check_output_dir,
                                           weights_hash, write_json)
 from depgraph_llm.graph.coupling import CouplingGraph, build_coupling
@@ -172,21 +172,26 @@ def default_out_dir(model_path: Path, ratio: float) -> Path:
 SELF_CALIBRATION = "self"
 
 
-def _texts(options: PruneOptions) -> tuple[str | None, str, list[str], list[str]]:
-    """Calibration text (None for self-generated), evaluation text, and the files they came from."""
-    eval_files = [Path(options.eval_text)] if options.eval_text else default_files(DEFAULT_EVAL_FILES)
+def _texts(options: PruneOptions) -> tuple[CalibrationSource, str | None, list[str], list[str]]:
+    """Calibration source, evaluation text (None: none present, generate it) and the files they came from.
+    The defaults are disjoint: calibration parts of calibration.DEFAULT_MIX, an evaluation part (corpora.py)."""
+    if options.eval_text:
+        eval_text, eval_files = load_text([Path(options.eval_text)]), [str(options.eval_text)]
+    else:
+        part = default_eval_part()
+        eval_text, eval_files = (part.text, list(part.files)) if part else (None, [SELF_CALIBRATION])
     if options.calibration == SELF_CALIBRATION:
-        return None, load_text(eval_files), [SELF_CALIBRATION], [str(f) for f in eval_files]
-    cal_files = [Path(options.calibration)] if options.calibration else default_files(DEFAULT_CALIBRATION_FILES)
-    return load_text(cal_files), load_text(eval_files), [str(f) for f in cal_files], [str(f) for f in eval_files]
+        source = self_source()
+    else:
+        source = file_source(Path(options.calibration)) if options.calibration else default_calibration_source()
+    cal_files = [f for part in source.parts for f in part.files] or [SELF_CALIBRATION]
+    return source, eval_text, cal_files, eval_files
 
 
-def calibration_batches(model, tokenizer, text: str | None, options: PruneOptions) -> list[torch.Tensor]:
-    """Token windows from the calibration text, or sampled from the dense model when `text` is None."""
-    if text is None:
-        return self_generated_windows(model, tokenizer, options.seq_len, options.calibration_samples, options.seed,
-                                      options.show_progress)
-    return token_windows(tokenizer, text, options.seq_len, options.calibration_samples, options.seed)
+def calibration_batches(model, tokenizer, source: CalibrationSource, options: PruneOptions) -> list[torch.Tensor]:
+    """Token windows drawn from the calibration source (or sampled from the dense model for a self source)."""
+    return source.windows(model, tokenizer, options.seq_len, options.calibration_samples, options.seed,
+                          options.show_progress)
 
 
 def config_accepts(model, spec, widths: Widths) -> bool:
@@ -226,12 +231,15 @@ def run_prune(options: PruneOptions) -> PruneResult:
         source_hash = weights_hash(model_path)
     options = fit_windows_to_context(options, model.config)
     estimator = get_estimator(options.importance)
-    cal_text, eval_text, cal_files, eval_files = _texts(options)
-    needs_calibration = (options.vocab_keep is not None and options.calibration == SELF_CALIBRATION
+    cal_source, eval_text, cal_files, eval_files = _texts(options)
+    if eval_text is None and (options.evaluate or options.dry_run):
+        eval_text = generated_eval_text(model, tokenizer, options.eval_seq_len, options.eval_tokens, options.seed)
+    cal_text = cal_source.text()
+    needs_calibration = (options.vocab_keep is not None and cal_source.is_self
                          or estimator.needs_gradients or estimator.needs_calibration or options.schedule == "depth"
                          or options.reconstruct != "none" or options.layers_removed is not None)
     with timer("calibration"):
-        calibration = calibration_batches(model, tokenizer, cal_text, options) if needs_calibration else []
+        calibration = calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
     params_before = sum(p.numel() for p in model.parameters())
     allocation = allocation_for(options, getattr(model.config, spec_for(model.config.model_type).layers_field))
     if options.vocab_keep:
@@ -265,7 +273,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
             ppl_after = perplexity(model, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
                                    options.show_progress)
     report = plan_report(model_path, source_hash, coupling, plan, timer)
-    report["calibration"] = {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len}
+    report["calibration"] = {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len,
+                             "source": cal_source.record(options.seq_len, len(calibration), options.seed)}
     report["perplexity"] = {"protocol": "evaluation/perplexity.py", "files": eval_files,
                             "before": ppl_before.to_dict() if ppl_before else None,
                             "after": ppl_after.to_dict() if ppl_after else None}
