@@ -13,6 +13,7 @@ can tell in-register from never-calibrated-on registers. Rows are appended to re
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import time
@@ -84,12 +85,20 @@ def run(out: Path, model, tokenizer, model_name: str, ratios: list[float], sourc
             pruned = copy.deepcopy(model)
             torch.manual_seed(0)
             start = time.perf_counter()
-            plan, _ = pipeline.prune_in_memory(pruned, calibration=windows, ratio=ratio, **RECIPE)
+            plan = prune(pruned, windows, ratio)
             prune_s = round(time.perf_counter() - start, 1)
             save({"source": name, "target_ratio": ratio, "ratio": round(plan.ratio_achieved, 4),
                   "calibrated_on": list(registers), "perplexity": score(pruned, tokenizer, texts),
                   "calibration_s": calibration_s, "prune_s": prune_s, "calibration": record})
             del pruned
+
+
+def prune(model, windows: list[torch.Tensor], ratio: float):
+    """The default recipe through pipeline.prune_in_memory (options object, or the older keyword form)."""
+    if "options" in inspect.signature(pipeline.prune_in_memory).parameters:
+        options = pipeline.PruneOptions(ratio=ratio, show_progress=False, **RECIPE)
+        return pipeline.prune_in_memory(model, windows, options)[0]
+    return pipeline.prune_in_memory(model, calibration=windows, ratio=ratio, **RECIPE)[0]
 
 
 def write_markdown(out: Path, data: dict) -> None:
