@@ -15,7 +15,7 @@ import torch
 from depgraph_llm.evaluation.perplexity import perplexity
 from depgraph_llm.models import nearest_supported, spec_for
 from depgraph_llm import __version__
-from depgraph_llm.removal.apply import apply_plan, layer_widths, stock_config_accepts
+from depgraph_llm.removal.apply import apply_plan, finish_plan, layer_widths, stock_config_accepts
 from depgraph_llm.calibration import (CalibrationSource, default_calibration_source, default_eval_part, file_source,
                                       generated_eval_text, load_text, self_source, token_windows)
 from depgraph_llm.checkpoint.files import (atomic_dir, check_free_space, check_not_source, check_output_dir,
@@ -27,7 +27,9 @@ from depgraph_llm.importance import get_estimator, score_groups
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
 from depgraph_llm.recovery.bias_params import enable_zero_biases
 from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUCT_MODES
-from depgraph_llm.recovery.reconstruct import check_supported, reconstruct as reconstruct_layers
+from depgraph_llm.recovery.reconstruct import check_supported, prepare_reconstruction
+from depgraph_llm.layers import InMemorySource, LayerPipeline
+from depgraph_llm.layers.sink import SliceSink
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.importance.depth import angular_distance, angular_distances, block_influence
 from depgraph_llm.planning.schedules import NONUNIFORM, plan_nonuniform
@@ -250,21 +252,15 @@ def run_prune(options: PruneOptions) -> PruneResult:
             ppl_before = perplexity(model, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
                                     options.show_progress)
     if options.dry_run:
-        plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
-                                         options.seed, source_hash, options.show_progress, timer, apply=False,
-                                         schedule=options.schedule, depth_metric=options.depth_metric,
-                                         reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode,
-                                         allocation=allocation)
+        plan, coupling = prune_in_memory(model, calibration, options, source_hash=source_hash, timer=timer,
+                                         apply=False, allocation=allocation)
         report = plan_report(model_path, source_hash, coupling, plan, timer)
         report["dry_run"] = True
         report["estimated_checkpoint_bytes"] = plan.params_after * 4
         report["estimated_remaining_s"] = round(_remaining_time(model, tokenizer, eval_text, options, plan), 1)
         return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
     check_free_space(out, params_before * 4)
-    plan, coupling = prune_in_memory(model, estimator.name, calibration, options.ratio, options.round_to,
-                                     options.seed, source_hash, options.show_progress, timer,
-                                     schedule=options.schedule, depth_metric=options.depth_metric,
-                                     reconstruct=options.reconstruct, reconstruct_mode=options.reconstruct_mode,
+    plan, coupling = prune_in_memory(model, calibration, options, source_hash=source_hash, timer=timer,
                                      allocation=allocation)
     tokenizer = pruned_tokenizer(tokenizer, plan)
     ppl_after = None
@@ -340,21 +336,32 @@ def couple_or_explain(model) -> CouplingGraph:
                         "see docs/new-architecture.md") from exc
 
 
-def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], ratio: float, round_to: int = 8,
-                    seed: int = 0, source_hash: str = "", show_progress: bool = False,
-                    timer: "_Timer | None" = None, apply: bool = True, schedule: str = "uniform",
-                    depth_metric: str = "bi", reconstruct: str = "none",
-                    reconstruct_mode: str = "sequential",
+def prune_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions, *, source_hash: str = "",
+                    timer: "_Timer | None" = None, apply: bool = True,
                     allocation: Allocation | None = None) -> tuple[PrunePlan, "CouplingGraph"]:
     """Trace, score, plan and physically prune `model` in place; returns the plan and coupling.
 
+    Reads from `options`: importance, ratio, round_to, seed, schedule, depth_metric, reconstruct,
+    reconstruct_mode, show_progress (and the per-kind ratios when no `allocation` is given).
     schedule "uniform": same widths in every layer. "depth": remove whole decoder layers (Block Influence or
     angular distance on the calibration batches) and trim the rest uniformly to land on the exact ratio.
     reconstruct "ls"/"bias"/"obs": refit the layers that lose input channels on the calibration batches
     (recovery/reconstruct.py); "bias" first gives the model zero biases through its config switches, so the
-    planner counts them."""
+    planner counts them. Applying is one layer-pipeline pass (reconstruct, then slice each layer) and a final
+    config step."""
     timer = timer or _Timer()
-    estimator = get_estimator(importance)
+    plan, coupling = plan_in_memory(model, calibration, options, source_hash, timer, allocation)
+    if apply:
+        apply_in_memory(model, coupling, plan, calibration, options, timer)
+    return plan, coupling
+
+
+def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions, source_hash: str, timer: "_Timer",
+                   allocation: Allocation | None = None) -> tuple[PrunePlan, CouplingGraph]:
+    """Trace, score and plan (the model is unchanged, except for the zero biases of --reconstruct bias)."""
+    estimator = get_estimator(options.importance)
+    ratio, round_to, seed, schedule = options.ratio, options.round_to, options.seed, options.schedule
+    reconstruct, reconstruct_mode, depth_metric = options.reconstruct, options.reconstruct_mode, options.depth_metric
     spec = spec_for(model.config.model_type)
     params_before = sum(p.numel() for p in model.parameters())
     if reconstruct == "bias":  # zero biases that the compensation will fill; the ratio stays relative to the source
@@ -363,10 +370,10 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
         coupling = couple_or_explain(model)
     torch.manual_seed(seed)
     with timer("importance"):
-        scores = score_groups(model, coupling.groups, estimator, lambda: calibration, show_progress)
+        scores = score_groups(model, coupling.groups, estimator, lambda: calibration, options.show_progress)
     counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
     layer_count = len(coupling.of_kind(GroupKind.LAYER))
-    allocation = allocation or allocation_for({"schedule": schedule}, layer_count)
+    allocation = allocation or allocation_for(options, layer_count)
     schedule_name, _ = parse_schedule(schedule)
     width_step = math.lcm(max(1, round_to), allocation.tp_size)
     removed_layers: list[int] = []
@@ -399,21 +406,42 @@ def prune_in_memory(model, importance: str, calibration: list[torch.Tensor], rat
                      reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "",
                      allocation={k: v for k, v in asdict(allocation).items() if v not in (None, 1)})
     check_supported(coupling, plan, reconstruct, reconstruct_mode)
-    if not apply:
-        return plan, coupling
-    if reconstruct != "none":
-        with timer("reconstruct"):
-            # the model stays where it is; with a GPU, each decoder layer visits it in turn
-            device = torch.device("cuda") if torch.cuda.is_available() else None
-            plan.reconstruct_report = reconstruct_layers(model, coupling, plan, calibration, reconstruct,
-                                                         reconstruct_mode, device=device,
-                                                         show_progress=show_progress).to_dict()
-    with timer("apply"):
-        apply_plan(model, coupling, plan, spec)
-    actual = sum(p.numel() for p in model.parameters())
-    if actual != params_after:
-        raise RuntimeError(f"internal error: planned {params_after} parameters, model has {actual}")
     return plan, coupling
+
+
+def apply_in_memory(model, coupling: CouplingGraph, plan: PrunePlan, calibration: list[torch.Tensor],
+                    options: PruneOptions, timer: "_Timer") -> None:
+    """One layer-pipeline pass (reconstruction when asked, then each layer's slice step), then the final step."""
+    spec = spec_for(model.config.model_type)
+    reconstruction = prepare_reconstruction(coupling, plan, calibration, options.reconstruct,
+                                            options.reconstruct_mode)
+    if coupling.layers_path is not None:
+        # the model stays where it is; with a GPU, each decoder layer visits it in turn
+        device = torch.device("cuda") if torch.cuda.is_available() and reconstruction is not None else None
+        layer_pass = LayerPipeline(InMemorySource(model, coupling.layers_path, device),
+                                   [reconstruction] if reconstruction else [], SliceSink(coupling, plan, spec),
+                                   progress=_progress(f"reconstruct ({options.reconstruct}, {options.reconstruct_mode})",
+                                                      options.show_progress and reconstruction is not None))
+        if reconstruction is not None:
+            with timer("reconstruct"):
+                layer_pass.run(calibration)
+            plan.reconstruct_report = reconstruction.report.to_dict()
+    with timer("apply"):
+        if coupling.layers_path is not None and reconstruction is None:
+            layer_pass.run([])  # no calibration pass: each layer goes straight to its slice step
+        finish_plan(model, coupling, plan, spec)
+    actual = sum(p.numel() for p in model.parameters())
+    if actual != plan.params_after:
+        raise RuntimeError(f"internal error: planned {plan.params_after} parameters, model has {actual}")
+
+
+def _progress(description: str, show: bool):
+    """A tqdm factory over layers for the layer pipeline, or None."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda items, total: tqdm(items, total=total, desc=description, unit="layer")
 
 
 def _remaining_time(model, tokenizer, eval_text: str, options: PruneOptions, plan: PrunePlan) -> float:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files,  # noqa: E402
                                       load_text, token_windows)
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
-from depgraph_llm.pipeline import prune_in_memory  # noqa: E402
+from depgraph_llm.pipeline import PruneOptions, prune_in_memory  # noqa: E402
 from depgraph_llm.summary import table  # noqa: E402
 from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
 
@@ -73,7 +73,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     start = time.perf_counter()
     if tool == "depgraph-llm":
-        prune_in_memory(model, importance, calibration, args.ratio, args.round_to)
+        prune_in_memory(model, calibration, PruneOptions(importance=importance, ratio=args.ratio, round_to=args.round_to,
+                                                         reconstruct="none", show_progress=False))
     else:
         torch_pruning_mlp(model, importance, calibration, args.ratio, args.round_to)
     seconds = time.perf_counter() - start

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from tests.layer_oracle import CASES, ORACLE, _old_prune, run_case
+from tests.layer_oracle import CASES, ORACLE, prune_case, run_case
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_port_is_byte_identical_to_the_old_passes(name):
     expected = json.loads(ORACLE.read_text())[name]
-    assert run_case(name, _old_prune) == expected
+    assert run_case(name, prune_case) == expected

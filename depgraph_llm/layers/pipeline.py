@@ -101,8 +101,10 @@ class LayerPipeline:
     sink: LayerSink = field(default_factory=LayerSink)
     progress: Callable[[Iterable, int], Iterable] | None = None  # e.g. a tqdm factory from the CLI layer
 
+    @torch.no_grad()
     def run(self, batches: list[torch.Tensor]) -> None:
-        """One pass over the layers; without batches the layers go straight from the source to the sink."""
+        """One pass over the layers (no autograd; a callback that needs it enables it); without batches the
+        layers go straight from the source to the sink."""
         source, model = self.source, self.source.model
         count = len(source)
         for callback in self.callbacks:
