@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -44,7 +45,7 @@ class RecoverOptions:
     steps: int = 100
     lr: float = 2e-4
     batch_size: int = 4
-    seq_len: int = 256
+    seq_len: int = 128
     warmup_steps: int = 10
     seed: int = 0
     checkpoint_every: int = 50
@@ -199,6 +200,8 @@ def run_recover(options: RecoverOptions, on_step: Callable[[StepInfo], None] | N
     state_dir = state_dir_for(out)
     began = time.perf_counter()
     trained, result = train(trained_input, trainer, data, settings, state_dir, options.resume, teacher, on_step)
+    if not _is_main_process():  # `accelerate launch`: every process trained its shard; one writes the result
+        return RecoverResult(out=out, report={})
     with atomic_dir(out, options.overwrite) as tmp:
         if options.save_adapter and trainer.save_adapter(trained, tmp / "adapter") and adapter_base is not None:
             shutil.copytree(adapter_base, tmp / "adapter" / "base",
@@ -221,6 +224,14 @@ def run_recover(options: RecoverOptions, on_step: Callable[[StepInfo], None] | N
         write_json(tmp / "prune_report.json", report)
     shutil.rmtree(state_dir, ignore_errors=True)
     return RecoverResult(out=out, report=report)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _eval_protocol(options: RecoverOptions, slim_report: dict, config) -> RecoverOptions:
@@ -287,6 +298,9 @@ def run_prune_and_recover(prune_options, options: RecoverOptions,
     stage. With --resume, a complete stage from an interrupted run is reused (pruning is deterministic)."""
     from depgraph_llm.pipeline import default_out_dir, run_prune
 
+    if _world_size() > 1:
+        raise UserError("prune --recover runs in one process; under `accelerate launch`, prune first, then run "
+                        "`depgraph-llm recover DIR`")
     prune_options.validate()
     model_path = resolve_model_path(prune_options.model)
     out = (Path(prune_options.out) if prune_options.out else default_out_dir(model_path, prune_options.ratio)).resolve()

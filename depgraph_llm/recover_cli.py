@@ -25,7 +25,7 @@ def add_recover_args(parser: argparse.ArgumentParser, standalone: bool = False) 
     parser.add_argument(*alias("--recover-lr", "--lr"), dest="recover_lr", type=float, default=None,
                         help="peak learning rate (default 2e-4 for lora, 5e-5 for masked/full)")
     parser.add_argument("--recover-batch-size", type=int, default=4, help="windows per step (default 4)")
-    parser.add_argument("--recover-seq-len", type=int, default=256, help="tokens per training window (default 256)")
+    parser.add_argument("--recover-seq-len", type=int, default=128, help="tokens per training window (default 128)")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--masked-lora", action="store_true", help="masked trainer: train masked LoRA adapters "

@@ -76,6 +76,7 @@ class StepInfo:
     loss: float
     tokens: int
     tokens_per_s: float
+    model: nn.Module | None = field(default=None, repr=False)  # the module being trained (evaluate it in eval mode)
 
 
 @dataclass
@@ -259,7 +260,7 @@ def train(model: nn.Module, trainer: Trainer, data: RecoveryData, settings: Trai
         losses.append([step + 1, round(value, 6)])
         if on_step is not None and accelerator.is_main_process:
             on_step(StepInfo(step + 1, settings.steps, value, tokens,
-                             step_tokens / max(1e-9, time.perf_counter() - step_began)))
+                             step_tokens / max(1e-9, time.perf_counter() - step_began), accelerator.unwrap_model(model)))
         done = step + 1
         if state_dir is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0 \
                 and done < settings.steps and accelerator.is_main_process:
