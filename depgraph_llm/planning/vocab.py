@@ -2,18 +2,23 @@
 corpus (most frequent first), plus what tokenizing any text still needs, and shrink the tokenizer and the
 embedding / LM-head rows together ("Pruning LLMs to any config": vocabulary as a prunable dimension).
 
-Kept always: special tokens and the single-character base alphabet (so every string still tokenizes), and,
-for BPE, both parts of every kept token's merge (a token that cannot be built can never be produced). Free
+Kept always: special tokens, the single-character base alphabet and, for byte-fallback (SentencePiece-style)
+BPE, the 256 byte tokens `<0x00>`..`<0xFF>` that spell any character outside the vocabulary (so every string
+still tokenizes), and, for BPE, both parts of every kept token's merge (a token that cannot be built can never be produced). Free
 slots after the corpus tokens go to the lowest ids, which BPE assigns to the earliest (most frequent) merges.
 Only fast BPE tokenizers (tokenizer.json with a BPE model) are supported.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
+from depgraph_llm.checkpoint.gguf_pretokenizer import RECORDED_KEY, known_pre_tokenizer
 from depgraph_llm.errors import UserError
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _bpe_data(tokenizer) -> dict:
@@ -41,6 +46,8 @@ def kept_token_ids(tokenizer, counts: Counter, keep: int, embedding_rows: int) -
     parts = {a + b: (a, b) for a, b in _merges(data)}
     required = {t["id"] for t in data.get("added_tokens", [])}
     required |= {i for t, i in vocab.items() if len(t) == 1}
+    if data["model"].get("byte_fallback"):
+        required |= {i for t, i in vocab.items() if BYTE_TOKEN.fullmatch(t)}
     kept: set[int] = set()
 
     def add(token_id: int, limit: int | None = None) -> None:
@@ -60,8 +67,8 @@ def kept_token_ids(tokenizer, counts: Counter, keep: int, embedding_rows: int) -
     for token_id in sorted(required):
         add(token_id)
     if len(kept) > keep:
-        raise UserError(f"--vocab-keep {keep} is below the {len(kept)} tokens every text needs (special tokens and "
-                        f"the base alphabet); pass at least {len(kept)}")
+        raise UserError(f"--vocab-keep {keep} is below the {len(kept)} tokens every text needs (special tokens, "
+                        f"the base alphabet and byte-fallback tokens); pass at least {len(kept)}")
     for token_id, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         if len(kept) >= keep:
             break
@@ -74,8 +81,11 @@ def kept_token_ids(tokenizer, counts: Counter, keep: int, embedding_rows: int) -
 
 
 def prune_tokenizer_files(folder: Path, kept: list[int]) -> dict[int, int]:
-    """Rewrite tokenizer.json / tokenizer_config.json in `folder` to the kept ids; returns old id -> new id."""
+    """Rewrite tokenizer.json / tokenizer_config.json in `folder` to the kept ids; returns old id -> new id.
+    A SentencePiece tokenizer.model (the full vocabulary) is removed, and the source tokenizer's llama.cpp
+    pre-tokenizer name is recorded (the renumbered ids no longer match llama.cpp's fingerprint of it)."""
     mapping = {old: new for new, old in enumerate(kept)}
+    pre_tokenizer = _llama_cpp_pre_tokenizer(folder)
     path = folder / "tokenizer.json"
     data = json.loads(path.read_text())
     vocab = data["model"]["vocab"]
@@ -90,11 +100,23 @@ def prune_tokenizer_files(folder: Path, kept: list[int]) -> dict[int, int]:
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
+        if pre_tokenizer:
+            config[RECORDED_KEY] = pre_tokenizer
         decoder = config.get("added_tokens_decoder")
         if isinstance(decoder, dict):
             config["added_tokens_decoder"] = {str(mapping[int(k)]): v for k, v in decoder.items() if int(k) in mapping}
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (folder / "tokenizer.model").unlink(missing_ok=True)
     return mapping
+
+
+def _llama_cpp_pre_tokenizer(folder: Path) -> str | None:
+    """The llama.cpp pre-tokenizer name of the (unpruned) tokenizer in `folder`, if known or already recorded."""
+    from transformers import AutoTokenizer
+
+    config_path = folder / "tokenizer_config.json"
+    recorded = json.loads(config_path.read_text()).get(RECORDED_KEY) if config_path.is_file() else None
+    return recorded or known_pre_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
 
 
 def _remap_post_processor(processor: dict | None, mapping: dict[int, int]) -> None:
