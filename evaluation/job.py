@@ -15,6 +15,7 @@ from depgraph_llm.checkpoint.loading import cache_dir, load_model, resolve_model
 from .loss_plot import recovery_loss_curve
 from .perplexity import perplexity
 from .report import write_report
+from .memory import MEMORY_PROTOCOL, measure_peak_memory
 from .speed import compare_speed, measure_speed
 from .tasks import LocalTask, bigbench_items, cloze_items, write_choice_task, write_cloze_task
 from .zeroshot import evaluate_tasks
@@ -25,8 +26,9 @@ BIGBENCH_TASKS = ("winowhy", "epistemic_reasoning", "timedial", "navigate", "spo
                   "disambiguation_qa", "implicatures", "date_understanding")
 PROTOCOL = ("perplexity: evaluation/perplexity.py (non-overlapping windows, fp32); cloze: last word of sentences "
             "in the evaluation text, accuracy = greedy match; multiple choice: BIG-bench items, log-likelihood "
-            "of each choice, acc and acc_norm; speed: batch 1, random prompt, median of repeats after warm-up, "
-            "dense and pruned interleaved in one process; peak memory on CPU = weights + RSS growth while running")
+            "of each choice, acc and acc_norm; speed: batch 1, random prompt, median of repeats after warm-up "
+            "with their spread ((max - min) / median), dense and pruned interleaved in one process; "
+            + MEMORY_PROTOCOL)
 
 
 def on_speed_device(*models):
@@ -96,7 +98,16 @@ def _widths(path: Path) -> list[dict] | None:
 
 def _speed_fields(speed: dict) -> dict:
     return {"tokens_per_s": {"prefill": speed["prefill_tokens_per_s"], "decode": speed["decode_tokens_per_s"]},
-            "peak_memory_bytes": speed["peak_memory_bytes"]}
+            "tokens_per_s_spread": {"prefill": speed["prefill_spread"], "decode": speed["decode_spread"]}}
+
+
+def _memory_fields(path: Path, options: "EvalOptions") -> dict:
+    """Peak memory of one model, measured in its own process (memory.py says what it includes)."""
+    import torch
+
+    memory = measure_peak_memory(path, device="cuda" if torch.cuda.is_available() else "cpu",
+                                 trust_remote_code=options.trust_remote_code)
+    return {"peak_memory_bytes": memory.peak_bytes, "peak_memory": memory.to_dict()}
 
 
 def check_report_dir(out: Path, sources: list[Path]) -> None:
@@ -143,6 +154,7 @@ def run_eval(options: EvalOptions) -> tuple[Path, dict]:
             report["models"][label] = entry
             if not options.speed:
                 continue
+            entry.update(_memory_fields(path, options))
             if label == "baseline":
                 baseline_model = model
             elif baseline_model is not None:

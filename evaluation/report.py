@@ -17,7 +17,8 @@ from .loss_plot import plot_loss_curves
 def _markdown(report: dict) -> str:
     models = report["models"]
     tasks = sorted({t for m in models.values() for t in m.get("accuracy", {})})
-    header = ["model", "params", "perplexity", *tasks, "prefill tok/s", "decode tok/s", "peak memory MiB"]
+    header = ["model", "params", "perplexity", *tasks, "prefill tok/s", "decode tok/s",
+              "peak memory MiB (own process)"]
     lines = ["# Evaluation report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, m in models.items():
         accs = [f"{m['accuracy'][t]['acc']:.3f}" if t in m.get("accuracy", {}) else "-" for t in tasks]
@@ -33,7 +34,11 @@ def _markdown(report: dict) -> str:
     for label, s in report.get("speed", {}).items():
         lines += ["", f"Speed of {label} vs baseline ({s['pruned']['device']}, {s['pruned']['dtype']}): prefill "
                       f"x{s['speedup_prefill']:.2f}, decode x{s['speedup_decode']:.2f}, ideal from linear-layer FLOPs "
-                      f"x{s['ideal_speedup_flops']:.2f}"]
+                      f"x{s['ideal_speedup_flops']:.2f}; spread of the repeats ((max - min) / median): "
+                      + ", ".join(f"{side} {phase} {s[side].get(phase + '_spread', 0):.0%}"
+                                  for side in ("dense", "pruned") for phase in ("prefill", "decode"))]
+        if s.get("warning"):
+            lines += ["", f"**Warning:** {s['warning']}"]
     lines += ["", "Protocol: " + report.get("protocol", ""), "", "![perplexity](perplexity.png)",
               "![widths](layer_widths.png)", "![speed](speedup.png)"]
     if any(m.get("recovery_loss_curve") for m in models.values()):
