@@ -1,4 +1,5 @@
 """Estimators on cases where the right answer is known by hand."""
+import pytest
 import torch
 
 from depgraph_llm import build_coupling
@@ -75,15 +76,24 @@ def test_activation_estimators_match_their_formulas():
 
 def test_flap_ignores_a_constant_channel_that_wanda_keeps():
     """A channel whose activation never fluctuates carries no information (its mean moves into a bias):
-    FLAP scores it zero, Wanda-sp scores it by its size."""
-    model = tiny_model("llama")
-    with torch.no_grad():  # channel 4 of layer 0: gate saturates (huge bias-like constant via zero input weights)
+    FLAP scores it zero, Wanda-sp scores it by its size, sqrt(tokens) * |c| * sum |down_proj[:, j]|."""
+    model = tiny_model("llama", mlp_bias=True)
+    with torch.no_grad():  # channel 4 of layer 0: zero input weights, so silu(gate bias) * up bias on every token
         mlp = model.model.layers[0].mlp
         mlp.gate_proj.weight[4] = 0
         mlp.up_proj.weight[4] = 0
+        mlp.gate_proj.bias[4], mlp.up_proj.bias[4] = 2.0, 3.0
+    constant = torch.nn.functional.silu(torch.tensor(2.0, dtype=torch.float64)) * 3.0
+    x = _down_proj_inputs(model, 0, BATCHES)
+    assert torch.allclose(x[:, 4], constant.expand(len(x)).to(x.dtype)) and float(constant) > 5  # constant, non-zero
     coupling = build_coupling(model)
     flap = score_groups(model, coupling.groups, get_estimator("flap"), lambda: BATCHES, False)["layers.0.mlp.channels"]
-    assert flap[4] == 0 and bool((flap[torch.arange(37) != 4] > 0).all())
+    wanda = score_groups(model, coupling.groups, get_estimator("wanda-sp"), lambda: BATCHES, False)["layers.0.mlp.channels"]
+    others = torch.arange(37) != 4
+    assert float(flap[4]) <= 1e-9 * float(flap[others].min()) and bool((flap[others] > 0).all())
+    expected = len(x) ** 0.5 * float(constant) * mlp.down_proj.weight[:, 4].abs().sum().double()
+    assert float(wanda[4]) == pytest.approx(float(expected), rel=1e-5)
+    assert int(wanda.argmax()) == 4 and int(flap.argmin()) == 4  # Wanda keeps it first, FLAP removes it first
 
 
 def test_fisher_is_the_sum_of_squared_mask_gradients():
