@@ -95,3 +95,27 @@ def test_vocab_keep_shrinks_tokenizer_and_embeddings_together(deep_checkpoint, t
     ids = torch.tensor([new_ids[:12]])
     out_ids = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out_ids.shape[1] == 17 and int(out_ids.max()) < 120
+
+
+def test_tp_size_rejects_head_counts_it_cannot_shard():
+    """--tp-size N: the query heads must divide by N, the KV heads must divide by N or divide N (replicated).
+    With 6 query / 3 KV heads and N = 3 only kv = 3 survives (by hand: kv x q in {3, 6}); 4 / 2 and N = 2 lose
+    only the single-head layout."""
+    from depgraph_llm.planning.budget import Allocation, Widths
+
+    def accepted(tp, kv_heads, q_per_kv):
+        return {(kv, q) for kv in range(1, kv_heads + 1) for q in range(1, q_per_kv + 1)
+                if Allocation(tp_size=tp).accepts(Widths(None, kv, q), kv_heads * q_per_kv)}
+
+    assert accepted(3, 3, 2) == {(3, 1), (3, 2)}
+    assert accepted(2, 2, 2) == {(1, 2), (2, 1), (2, 2)}
+    assert accepted(1, 3, 2) == {(kv, q) for kv in (1, 2, 3) for q in (1, 2)}
+
+
+def test_tp_size_is_honoured_end_to_end(tmp_path_factory, tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("tp") / "tiny", tie=True, num_attention_heads=6,
+                                      num_key_value_heads=3, head_dim=8, intermediate_size=64)
+    result, plan = _prune_and_replay(checkpoint, tmp_path, ratio=0.3, tp_size=3)
+    rows = result.report["layer_widths_after"]
+    assert all(row["kv_heads"] == 3 and row["q_heads"] in (3, 6) and row["mlp"] % 3 == 0 for row in rows)
+    assert plan["allocation"] == {"tp_size": 3} and abs(result.report["ratio_achieved"] - 0.3) <= 0.01
