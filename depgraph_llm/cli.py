@@ -30,6 +30,9 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-ratio", type=float, help="fraction of query heads removed per pruned layer")
     parser.add_argument("--hidden-ratio", type=float, help="fraction of hidden (residual) channels removed")
     parser.add_argument("--layers-removed", type=int, help="remove this many whole decoder layers (Block Influence)")
+    parser.add_argument("--experts-keep", type=int, help="mixture of experts: routed experts kept in every MoE layer")
+    parser.add_argument("--expert-ratio", type=float, help="mixture of experts: fraction of routed experts removed "
+                        "in every MoE layer")
     parser.add_argument("--vocab-keep", type=int, help="keep this many tokens: those the tokenizer produces on "
                         "the calibration text first; tokenizer and embeddings shrink together")
     parser.add_argument("--tp-size", type=int, default=1, help="make head counts and widths divisible for this "
@@ -109,7 +112,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         reconstruct_mode=args.reconstruct_mode, calibration=args.calibration, eval_text=args.eval_text,
         seed=args.seed, round_to=args.round_to, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
         hidden_ratio=args.hidden_ratio, layers_removed=args.layers_removed, tp_size=args.tp_size,
-        vocab_keep=args.vocab_keep,
+        vocab_keep=args.vocab_keep, experts_keep=args.experts_keep, expert_ratio=args.expert_ratio,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code)

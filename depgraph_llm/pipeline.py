@@ -70,7 +70,8 @@ def allocation_for(options_or_kwargs, layers: int) -> Allocation:
     if layer_range is not None and layer_range[1] > layers:
         raise UserError(f"--schedule layers:{layer_range[0]}:{layer_range[1]}: the model has {layers} layers")
     return Allocation(mlp_ratio=get("mlp_ratio"), head_ratio=get("head_ratio"), hidden_ratio=get("hidden_ratio"),
-                      layers_removed=get("layers_removed"), layer_range=layer_range, tp_size=get("tp_size", 1) or 1)
+                      layers_removed=get("layers_removed"), layer_range=layer_range, tp_size=get("tp_size", 1) or 1,
+                      experts_keep=get("experts_keep"), expert_ratio=get("expert_ratio"))
 DEPTH_METRICS = ("bi", "angular")
 
 
@@ -88,6 +89,8 @@ class PruneOptions:
     head_ratio: float | None = None
     hidden_ratio: float | None = None
     layers_removed: int | None = None
+    experts_keep: int | None = None
+    expert_ratio: float | None = None
     tp_size: int = 1
     vocab_keep: int | None = None
     reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
@@ -115,7 +118,7 @@ class PruneOptions:
             if getattr(self, name) < 1 or (name.endswith("seq_len") and getattr(self, name) < 2):
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small; pass a positive value")
         get_estimator(self.importance)
-        for name in ("mlp_ratio", "head_ratio", "hidden_ratio"):
+        for name in ("mlp_ratio", "head_ratio", "hidden_ratio", "expert_ratio"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise UserError(f"--{name.replace('_', '-')} {value} is outside [0, 1); pass the fraction to remove")

@@ -40,6 +40,13 @@ class ArchSpec:
     attention_attrs: dict[str, str] = field(default_factory=lambda: {
         "num_heads": "q_heads", "num_attention_heads": "q_heads", "num_key_value_heads": "kv_heads",
         "num_key_value_groups": "q_per_kv"})
+    # mixture of experts: config fields of the routed-expert count, the experts' shared intermediate width and the
+    # experts used per token (clipped to the experts left); attributes of the MoE block's modules -> which count
+    experts_field: str | None = None
+    expert_width_field: str | None = None
+    top_k_field: str = "num_experts_per_tok"
+    expert_attrs: dict[str, str] = field(default_factory=lambda: {
+        "num_experts": "experts", "top_k": "top_k", "intermediate_dim": "expert_mlp", "hidden_dim": "hidden"})
 
 
 DEFAULT_SPEC = ArchSpec(model_types=())

@@ -109,6 +109,8 @@ class Allocation:
     layer_range: tuple[int, int] | None = None  # prune widths only in layers [start, stop)
     tp_size: int = 1                    # head counts and widths divisible for tensor-parallel serving
     vocab_ids: tuple[int, ...] | None = None  # token ids kept by --vocab-keep (vocab.py)
+    experts_keep: int | None = None     # routed experts kept in every MoE layer (--experts-keep)
+    expert_ratio: float | None = None   # fraction of routed experts removed in every MoE layer (--expert-ratio)
 
     def accepts(self, widths: Widths, q_total: int | None) -> bool:
         """Do these uniform widths honour the head ratio and tensor-parallel divisibility?"""
@@ -146,7 +148,9 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     def pruned(g: Group) -> bool:
         return g.layer is not None and g.layer not in gone and start <= g.layer < stop
 
-    mlp = [g for g in coupling.of_kind(GroupKind.CHANNELS) if pruned(g)]
+    # in a mixture of experts the routed experts' shared width is the MLP width searched (a shared expert keeps its own)
+    mlp = [g for g in coupling.of_kind(GroupKind.EXPERT_CHANNELS) if pruned(g)] or [
+        g for g in coupling.of_kind(GroupKind.CHANNELS) if pruned(g)]
     heads = [g for g in coupling.of_kind(GroupKind.HEADS) if pruned(g)]
     if not mlp and not heads:
         raise UserError("this model has no prunable MLP channels or attention heads in the chosen layers; "
@@ -159,6 +163,7 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     q_total = (kv_size or 0) * (q_size or 1)
     fixed_mlp = allocation.mlp_width(mlp_size, round_to) if mlp_size else None
     base_keep = dict(_hidden_keep(coupling, scores, allocation, round_to, counter))
+    base_keep.update(experts_kept(coupling, allocation, pruned))
     vocab_groups = [g.name for g in coupling.of_kind(GroupKind.VOCAB)] if allocation.vocab_ids else []
     base_keep.update({name: len(allocation.vocab_ids) for name in vocab_groups})
     attn_params = {s.param for g in heads for s in g.slices}
@@ -213,6 +218,23 @@ def _hidden_keep(coupling: CouplingGraph, scores, allocation: Allocation, round_
     step = math.lcm(max(1, round_to), max(1, allocation.tp_size), q_dense)
     kept = max(step, step * round(group.size * (1 - allocation.hidden_ratio) / step))
     return {group.name: min(group.size, kept)}
+
+
+def experts_kept(coupling: CouplingGraph, allocation: Allocation, pruned: Callable[[Group], bool]) -> dict[str, int]:
+    """Routed experts kept per MoE layer under --experts-keep / --expert-ratio (at least one)."""
+    groups = [g for g in coupling.of_kind(GroupKind.EXPERTS) if pruned(g)]
+    if allocation.experts_keep is None and allocation.expert_ratio is None:
+        return {}
+    if not groups:
+        raise UserError("--experts-keep / --expert-ratio: this model has no routed experts; see `depgraph-llm graph`")
+    kept = {}
+    for g in groups:
+        count = allocation.experts_keep if allocation.experts_keep is not None else round(
+            g.size * (1 - allocation.expert_ratio))
+        if not 1 <= count <= g.size:
+            raise UserError(f"--experts-keep {count}: {g.name} has {g.size} experts; keep between 1 and {g.size}")
+        kept[g.name] = count
+    return kept
 
 
 def _head_counts(heads: list[Group], kv: int | None, q: int | None) -> dict[str, int]:

@@ -12,6 +12,7 @@ from depgraph_llm.graph.coupling import CouplingGraph, module_path_of
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.planning.plan import PrunePlan, axis_masks
+from depgraph_llm.removal.experts import clip_top_k, expert_counts, fix_expert_attrs
 from depgraph_llm.removal.overrides import make_reproducible
 from depgraph_llm.planning.vocab import remap_config_ids
 from depgraph_llm.removal.slim_config import WIDTH_KEYS, is_uniform, make_heterogeneous, width_fields
@@ -97,6 +98,7 @@ def finish_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec
         if spec.after_hidden_pruning:
             spec.after_hidden_pruning(model, *hidden_change)
     _fix_attention_attrs(model, coupling, plan, spec)
+    fix_expert_attrs(model, coupling, plan, spec)
     _remove_layers(model, coupling, plan, spec)
     widths = _rewrite_config(model, coupling, plan, spec)
     make_reproducible(model, spec, widths, dense_fields)
@@ -200,6 +202,7 @@ def layer_widths(coupling: CouplingGraph, plan: PrunePlan | None = None) -> list
     """Per kept layer: MLP width and head counts after the plan (of the dense model without one)."""
     plan = plan or PrunePlan("", "", "", "", 0, 0.0, 1, 1, 1)
     heads = head_counts(coupling, plan)
+    experts = expert_counts(coupling, plan)
     widths = []
     layers = sorted({g.layer for g in coupling.groups if g.layer is not None})
     for layer in layers:
@@ -211,6 +214,7 @@ def layer_widths(coupling: CouplingGraph, plan: PrunePlan | None = None) -> list
                 row["mlp"] = len(plan.keep.get(g.name, range(g.size)))
         if layer in heads:
             row.update({k: v for k, v in heads[layer].items() if k not in ("module", "q_width", "kv_width")})
+        row.update({k: v for k, v in experts.get(layer, {}).items() if k != "module"})
         widths.append(row)
     return widths
 
@@ -248,6 +252,7 @@ def _rewrite_config(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, 
             embedding.padding_idx = mapping.get(embedding.padding_idx)
         if getattr(model, "generation_config", None) is not None:
             remap_config_ids(model.generation_config, mapping)
+    clip_top_k(config, spec, widths)
     fields = width_fields(spec, config)
     uniform = {fields[k]: first[k] for k in WIDTH_KEYS if k in first and fields[k]}
     if is_uniform(widths) and stock_config_accepts(config, uniform):

@@ -13,13 +13,14 @@ from depgraph_llm.errors import UserError
 MODELING_FILE = "modeling_depgraph.py"
 AUTO_MAP = {"AutoConfig": "modeling_depgraph.DepgraphConfig",
             "AutoModelForCausalLM": "modeling_depgraph.DepgraphForCausalLM"}
-WIDTH_KEYS = ("mlp", "q_heads", "kv_heads")
+WIDTH_KEYS = ("mlp", "q_heads", "kv_heads", "experts", "expert_mlp")
 
 
 def width_fields(spec: ArchSpec, config=None) -> dict[str, str | None]:
     """Config field of each per-layer width; with `config`, only fields it has (GPT-J's config has no KV-head
     count, and the default spec's name for it must not be invented there)."""
-    fields = {"mlp": spec.mlp_width_field, "q_heads": spec.q_heads_field, "kv_heads": spec.kv_heads_field}
+    fields = {"mlp": spec.mlp_width_field, "q_heads": spec.q_heads_field, "kv_heads": spec.kv_heads_field,
+              "experts": spec.experts_field, "expert_mlp": spec.expert_width_field}
     if config is not None:
         fields = {k: f if f and hasattr(config, f) else None for k, f in fields.items()}
     return fields
