@@ -89,11 +89,15 @@ def _entry(name: str) -> tuple[str, dict, tuple[str, ...]]:
     return MORE_ARCHITECTURES[name]
 
 
-def tiny_arch(name: str, seed: int = 0):
+def tiny_config(name: str, **overrides):
     model_type, fields, _ = _entry(name)
+    return AutoConfig.for_model(model_type, vocab_size=160, max_position_embeddings=256, bos_token_id=1,
+                                eos_token_id=2, **{**fields, **overrides})
+
+
+def tiny_arch(name: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, vocab_size=160, max_position_embeddings=256, bos_token_id=1,
-                                  eos_token_id=2, **fields)
+    config = tiny_config(name, **overrides)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # perturb norms (HF sets them to 1) so a wrong axis shows up in the logits
         for param_name, param in model.named_parameters():
@@ -433,3 +437,35 @@ def test_falcon_hidden_width_is_refused_even_when_rotary_shapes_match():
     plan = PrunePlan("", "falcon", "test", "hidden", 0, 0.1, 1, params, 0, keep={hidden.name: list(range(44))})
     with pytest.raises(UserError, match="derives head_dim from hidden_size"):
         apply_plan(model, coupling, plan, spec_for("falcon"))
+
+
+# Hidden pruning has no masked twin (zeroed channels still count in a norm's mean), so its oracle is built another
+# way: slice the dense state dict by hand along every axis of the hidden size and load it into a model built
+# from the config with the new hidden_size. Hidden 40 differs from every other width here (query 48, KV 24, MLP 37,
+# vocabulary 160), so the axes of size 40 are exactly the residual-stream axes. Architectures with a stock config
+# that states head_dim apart from hidden_size; Gemma's sqrt(hidden) embedding scale is folded instead (tested in
+# test_gemma_hidden_pruning_keeps_a_stock_config), and where head_dim is derived from hidden / heads the pruned
+# model keeps its head width through module overrides, which a from_config model cannot have. Helium's o_proj is
+# (hidden, hidden) in transformers, so it only builds with hidden == heads x head_dim.
+HIDDEN_ORACLE = ["llama-gqa", "llama-mha", "mistral", "qwen2", "qwen3", "starcoder2", "granite", "cohere", "olmo",
+                 "olmo2", "smollm3", "exaone4", "glm"]
+
+
+@pytest.mark.parametrize("arch", HIDDEN_ORACLE)
+def test_hidden_pruning_equals_a_model_built_from_its_config(arch):
+    model = tiny_arch(arch, hidden_size=40)
+    dense = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    coupling = build_coupling(model)
+    plan = plan_for(model, coupling, "hidden")
+    plan.keep["hidden"] = [i for i in range(40) if i not in (1, 5, 6, 13, 20, 27, 33, 39)]  # 32: 4 heads divide it
+    kept = torch.tensor(plan.keep["hidden"])
+    apply_plan(model, coupling, plan, spec_for(_entry(arch)[0]))
+    sliced = {}
+    for name, tensor in dense.items():
+        for axis, size in enumerate(tensor.shape):
+            if size == 40:
+                tensor = tensor.index_select(axis, kept)
+        sliced[name] = tensor
+    reference = AutoModelForCausalLM.from_config(tiny_config(arch, hidden_size=32)).eval()
+    reference.load_state_dict(sliced)
+    assert torch.allclose(logits(model), logits(reference), atol=1e-5), arch
