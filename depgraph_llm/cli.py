@@ -56,6 +56,12 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan (widths, params, ratio) and write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped inside the checkpoint")
+    parser.add_argument("--streaming", action="store_true", help="one decoder layer in memory at a time, read from "
+                        "the safetensors shards and written out as soon as it is final (chosen by itself when the "
+                        "model would not fit in memory)")
+    parser.add_argument("--dtype", default="auto", help="what streamed layers compute in: auto (the checkpoint's "
+                        "own), float32, bfloat16 or float16; statistics and solves stay float64, the output keeps "
+                        "the source dtype")
     add_recover_args(parser)
 
 
@@ -115,7 +121,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         vocab_keep=args.vocab_keep, experts_keep=args.experts_keep, expert_ratio=args.expert_ratio,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code)
+        trust_remote_code=args.trust_remote_code, streaming=args.streaming, dtype=args.dtype)
     if args.recover and not args.dry_run:
         from depgraph_llm.recover_cli import cmd_prune_and_recover
 

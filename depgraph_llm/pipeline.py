@@ -24,12 +24,14 @@ from depgraph_llm.graph.coupling import CouplingGraph, build_coupling
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.importance import get_estimator, score_groups
+from depgraph_llm.importance.base import score_groups_streaming
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
 from depgraph_llm.recovery.bias_params import enable_zero_biases
 from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUCT_MODES
 from depgraph_llm.recovery.reconstruct import check_supported, prepare_reconstruction
 from depgraph_llm.layers import InMemorySource, LayerPipeline
 from depgraph_llm.layers.sink import SliceSink
+from depgraph_llm.streaming import run_prune_streaming, would_not_fit
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.importance.depth import angular_distance, angular_distances, block_influence
 from depgraph_llm.planning.schedules import NONUNIFORM, plan_nonuniform
@@ -108,6 +110,8 @@ class PruneOptions:
     overwrite: bool = False
     trust_remote_code: bool = False
     show_progress: bool = True
+    streaming: bool = False  # one decoder layer in memory at a time (also chosen when the model would not fit)
+    dtype: str = "auto"  # what the streamed layers compute in ("auto": the checkpoint's own)
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -141,6 +145,8 @@ class PruneOptions:
         if self.depth_metric not in DEPTH_METRICS:
             raise UserError(f"--depth-metric {self.depth_metric!r} is not available; choose one of: "
                             f"{', '.join(DEPTH_METRICS)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype {self.dtype!r} is not available; choose one of: auto, float32, bfloat16, float16")
         if self.out is not None:
             check_output_dir(Path(self.out), self.overwrite)
 
@@ -231,6 +237,11 @@ def run_prune(options: PruneOptions) -> PruneResult:
     model_path = resolve_model_path(options.model)
     out = Path(options.out) if options.out else default_out_dir(model_path, options.ratio)
     check_output_dir(out, options.overwrite, sources=(options.model, model_path))
+    if options.streaming or would_not_fit(model_path):
+        if not options.streaming:
+            log.warning("%s would not fit in memory in float32: pruning it one decoder layer at a time (streaming)",
+                        model_path)
+        return run_prune_streaming(options, model_path, out, timer)
     with timer("load"):
         model, tokenizer = load_model(model_path, options.trust_remote_code)
         source_hash = weights_hash(model_path)
@@ -316,14 +327,14 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
 
 
 def _depth_plan(model, coupling: CouplingGraph, counter: ParamCounter, calibration: list[torch.Tensor], ratio: float,
-                metric: str, count: int | None = None) -> list[int]:
+                metric: str, count: int | None = None, source=None) -> list[int]:
     if coupling.layers_path is None:
         raise UserError("no decoder-layer list found in this model; depth pruning is not possible, use --schedule uniform")
     if not calibration:
         raise UserError("depth pruning needs calibration text; pass --calibration FILE")
     layers = model.get_submodule(coupling.layers_path)
-    influence = block_influence(model, layers, calibration)
-    matrix = angular_distances(model, layers, calibration) if metric == "angular" else None
+    influence = block_influence(model, layers, calibration, source)
+    matrix = angular_distances(model, layers, calibration, source) if metric == "angular" else None
     return plan_depth(counter, influence, ratio, contiguous=metric == "angular",
                       angular=lambda span: angular_distance(model, layers, calibration, span, matrix), count=count)
 
@@ -360,8 +371,9 @@ def prune_in_memory(model, calibration: list[torch.Tensor], options: PruneOption
 
 
 def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions, source_hash: str, timer: "_Timer",
-                   allocation: Allocation | None = None) -> tuple[PrunePlan, CouplingGraph]:
-    """Trace, score and plan (the model is unchanged, except for the zero biases of --reconstruct bias)."""
+                   allocation: Allocation | None = None, source=None) -> tuple[PrunePlan, CouplingGraph]:
+    """Trace, score and plan (the model is unchanged, except for the zero biases of --reconstruct bias); with a
+    streaming `source`, `model` is its skeleton and every pass visits the layers one at a time."""
     estimator = get_estimator(options.importance)
     ratio, round_to, seed, schedule = options.ratio, options.round_to, options.seed, options.schedule
     reconstruct, reconstruct_mode, depth_metric = options.reconstruct, options.reconstruct_mode, options.depth_metric
@@ -373,7 +385,9 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
         coupling = couple_or_explain(model)
     torch.manual_seed(seed)
     with timer("importance"):
-        scores = score_groups(model, coupling.groups, estimator, lambda: calibration, options.show_progress)
+        scores = (score_groups(model, coupling.groups, estimator, lambda: calibration, options.show_progress)
+                  if source is None else
+                  score_groups_streaming(source, coupling.groups, estimator, calibration, options.show_progress))
     counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
     layer_count = len(coupling.of_kind(GroupKind.LAYER))
     allocation = allocation or allocation_for(options, layer_count)
@@ -383,7 +397,7 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
     if schedule_name == "depth" or allocation.layers_removed:
         with timer("depth_importance"):
             removed_layers = _depth_plan(model, coupling, counter, calibration, ratio, depth_metric,
-                                         allocation.layers_removed)
+                                         allocation.layers_removed, source)
         counter = counter.without_layers(frozenset(removed_layers))
     with timer("plan"):
         params_after = counter.count({})

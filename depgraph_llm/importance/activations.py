@@ -30,6 +30,12 @@ class _ActivationEstimator(Estimator):
     def prepare(self, model, batches, show_progress):
         return input_statistics(model, batches, show_progress)
 
+    def statistics(self):
+        return InputStatistics()
+
+    def extra_from(self, statistics):
+        return statistics.stats
+
 
 @register_estimator
 class WandaSP(_ActivationEstimator):

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import Group, Slice
+from depgraph_llm.layers.pipeline import LayerCallback
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ class Estimator:
                     show_progress: bool) -> dict[str, torch.Tensor] | None:
         """Override to score units directly (e.g. per-sample statistics); None = use element scores."""
         return None
+
+    def statistics(self):
+        """The layer-pipeline callback that gathers this estimator's calibration statistics (None: no data)."""
+        return None
+
+    def extra_from(self, statistics) -> dict[str, object]:
+        """The per-parameter extra data from that callback once it has seen a layer (or the whole model)."""
+        return {}
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
@@ -102,6 +111,62 @@ def score_groups(model: nn.Module, groups: list[Group], estimator: Estimator,
     if estimator.needs_gradients:
         model.zero_grad(set_to_none=True)
     return scores
+
+
+class ElementScores(LayerCallback):
+    """Scores each parameter while its layer is loaded (after the statistics callback has seen the layer), and
+    the parameters outside the layers at the end; `totals()` sums them per group in `slices_by_param` order, so
+    the result is bit-identical to `score_groups` on the whole model."""
+
+    def __init__(self, model: nn.Module, groups: list[Group], estimator: Estimator, statistics=None) -> None:
+        self.model, self.estimator, self.statistics = model, estimator, statistics
+        self.by_param = slices_by_param(model, groups, estimator.consumer_only)
+        self.units: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        self.layers_path = ""
+
+    def start(self, model: nn.Module, layers_path: str) -> None:
+        self.layers_path = layers_path
+
+    def _score(self, name: str, param: torch.Tensor) -> None:
+        extra = self.estimator.extra_from(self.statistics) if self.statistics is not None else {}
+        element = self.estimator.element_scores(param.detach().float(), None, extra.get(name))
+        self.units[name] = [(group_name, s.unit_scores(element).double()) for group_name, s in self.by_param[name]]
+
+    def after_layer(self, step) -> None:
+        for local, param in step.layer.named_parameters():
+            name = f"{step.name}.{local}"
+            if name in self.by_param:
+                self._score(name, param)
+
+    def finish(self) -> None:
+        for name, param in self.model.named_parameters():
+            if name in self.by_param and not name.startswith(f"{self.layers_path}."):
+                self._score(name, param)
+
+    def totals(self) -> dict[str, torch.Tensor]:
+        totals: dict[str, torch.Tensor] = {}
+        for name in self.by_param:
+            for group_name, unit in self.units.get(name, []):
+                totals[group_name] = unit if group_name not in totals else totals[group_name] + unit
+        return {name: t.abs() if self.estimator.signed else t for name, t in totals.items()}
+
+
+def score_groups_streaming(source, groups: list[Group], estimator: Estimator, batches: list[torch.Tensor],
+                           show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """`score_groups` for a model whose decoder layers are visited one at a time (a layer-pipeline source)."""
+    from depgraph_llm.layers import LayerPipeline
+
+    if estimator.needs_gradients or type(estimator).unit_scores is not Estimator.unit_scores:
+        raise UserError(f"importance {estimator.name!r} needs gradients of the whole model, which the streaming "
+                        "path does not compute yet; use wanda-sp, flap, obs, l1 or l2 with --streaming")
+    if estimator.needs_calibration and not batches:
+        raise UserError(f"importance {estimator.name!r} needs calibration text; pass --calibration FILE")
+    statistics = estimator.statistics() if estimator.needs_calibration else None
+    scores = ElementScores(source.model, groups, estimator, statistics)
+    callbacks = [statistics, scores] if statistics is not None else [scores]
+    LayerPipeline(source, callbacks, progress=progress_bar(f"importance ({estimator.name})", show_progress)).run(
+        batches if statistics is not None else [])
+    return scores.totals()
 
 
 def consumer_slices(model: nn.Module) -> set[tuple[str, int]]:

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from depgraph_llm.layers import InMemorySource, LayerCallback, LayerPipeline, LayerStep
+from depgraph_llm.layers import InMemorySource, LayerCallback, LayerPipeline, LayerSource, LayerStep
 from depgraph_llm.layers.callbacks import BoundaryStates
 
 
@@ -39,10 +39,11 @@ def _source(model: nn.Module, layers: nn.ModuleList) -> InMemorySource:
     return InMemorySource(model, path)
 
 
-def block_influence(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> torch.Tensor:
-    """Per layer: 1 - mean over tokens of cosine(layer input, layer output)."""
+def block_influence(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor],
+                    source: LayerSource | None = None) -> torch.Tensor:
+    """Per layer: 1 - mean over tokens of cosine(layer input, layer output) (`source`: e.g. a streaming one)."""
     influence = BlockInfluence(len(layers))
-    LayerPipeline(_source(model, layers), [influence]).run(batches)
+    LayerPipeline(source or _source(model, layers), [influence]).run(batches)
     return influence.totals / max(influence.tokens, 1)
 
 
@@ -60,10 +61,11 @@ def angular_matrix(states: list[list[torch.Tensor]]) -> torch.Tensor:
     return totals / max(tokens, 1)
 
 
-def angular_distances(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> torch.Tensor:
+def angular_distances(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor],
+                      source: LayerSource | None = None) -> torch.Tensor:
     """(L+1, L+1) matrix: entry [i, j] = mean arccos(cosine(h_i, h_j)) / pi over tokens (one layer-pipeline pass)."""
     boundaries = BoundaryStates()
-    LayerPipeline(_source(model, layers), [boundaries]).run(batches)
+    LayerPipeline(source or _source(model, layers), [boundaries]).run(batches)
     return angular_matrix(boundaries.states)
 
 

@@ -37,6 +37,12 @@ class OBS(Estimator):
     def prepare(self, model, batches, show_progress):
         return inverse_hessian_diagonals(model, batches, show_progress=show_progress)
 
+    def statistics(self):
+        return HessianDiagonals()
+
+    def extra_from(self, statistics):
+        return statistics.result
+
     def element_scores(self, weight, grad, extra=None):
         if extra is None or weight.dim() != 2:
             return torch.zeros_like(weight)

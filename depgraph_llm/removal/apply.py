@@ -85,9 +85,11 @@ def slice_layer(layer: nn.Module, index: int, coupling: CouplingGraph, plan: Pru
     return layer
 
 
-def finish_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec) -> nn.Module:
+def finish_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec: ArchSpec,
+                runnable: bool = True, adopt=None) -> nn.Module:
     """The final step, once every decoder layer is sliced: the parameters outside the layers (embeddings, final
-    norm, head), module attributes, removed layers and the config."""
+    norm, head), module attributes, removed layers and the config (`runnable` False: the layers are shapes on
+    `meta`, as in the streaming path, so the config is checked without running the model)."""
     masks = axis_masks(coupling, plan)
     dense_fields = {f: getattr(model.config, f) for f in _width_field_names(spec) if hasattr(model.config, f)}
     _slice_parameters(model, "", masks, skip=f"{coupling.layers_path}." if coupling.layers_path else None)
@@ -101,7 +103,7 @@ def finish_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec
     fix_expert_attrs(model, coupling, plan, spec)
     _remove_layers(model, coupling, plan, spec)
     widths = _rewrite_config(model, coupling, plan, spec)
-    make_reproducible(model, spec, widths, dense_fields)
+    make_reproducible(model, spec, widths, dense_fields, runnable, adopt)
     return model
 
 

@@ -172,15 +172,19 @@ def _same_logits(model: nn.Module, probe: torch.Tensor, reference: torch.Tensor)
 
 
 def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, int]],
-                      dense_fields: dict[str, object]) -> None:
+                      dense_fields: dict[str, object], runnable: bool = True, adopt=None) -> None:
     """Ensure `model.config` rebuilds `model` exactly, adding module overrides (and the heterogeneous classes)
     when config fields cannot describe it; `dense_fields` are width fields to fall back to when the rewritten
     ones do not build (GPT-2 refuses 5 heads in a 64-wide model) or build what no override can fix (Falcon
     sizes its rotary table from hidden / heads)."""
-    check_runs(model)
+    # a streamed model's decoder layers are shapes on `meta` (written already): it brings its own layer-by-layer
+    # `adopt` probe, and the whole-model forward checks are skipped
+    adopt = adopt or (adopt_bookkeeping if runnable else (lambda model, mismatch: None))
+    if runnable:
+        check_runs(model)
     try:
         mismatch = find_mismatch(model)
-        adopt_bookkeeping(model, mismatch)
+        adopt(model, mismatch)
         reason = mismatch.first() if mismatch.fatal else None
     except RebuildError as exc:
         mismatch, reason = None, str(exc)
@@ -197,7 +201,7 @@ def make_reproducible(model: nn.Module, spec: ArchSpec, widths: list[dict[str, i
     setattr(model.config, OVERRIDES_FIELD, {})
     try:
         mismatch = find_mismatch(model)
-        adopt_bookkeeping(model, mismatch)
+        adopt(model, mismatch)
     except RebuildError as exc:
         raise _refusal(model, f"its config does not build ({exc})") from exc
     if mismatch.fatal:

@@ -1,0 +1,214 @@
+"""The prune job on the streaming path: the model never exists whole. Every stage is a layer-pipeline pass over
+a `StreamingSource` (decoder layers read from the shards one at a time): perplexity before, importance, depth
+metrics, then one pass that reconstructs, slices and writes each layer into the output shards, the final config
+step on the skeleton, and perplexity after, read back layer by layer from the written checkpoint."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from depgraph_llm.calibration import token_windows
+from depgraph_llm.checkpoint.files import atomic_dir, check_free_space, weights_hash, write_json
+from depgraph_llm.checkpoint.shards import ShardReader, ShardWriter
+from depgraph_llm.errors import UserError
+from depgraph_llm.evaluation.perplexity import PerplexityResult
+from depgraph_llm.importance import get_estimator
+from depgraph_llm.layers import LayerCallback, LayerPipeline
+from depgraph_llm.layers.streaming import DTYPES, ShardSink, StreamingSource, streamed_adopt
+from depgraph_llm.models import spec_for
+from depgraph_llm.recovery.reconstruct import prepare_reconstruction
+from depgraph_llm.removal.apply import finish_plan
+from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
+
+log = logging.getLogger(__name__)
+MAX_SHARD_BYTES = 1 << 30  # shards stay small: a pending shard is held in memory until it is written
+
+
+def compute_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
+    """--dtype: the dtype layers compute in ("auto": the checkpoint's own); statistics stay float64."""
+    return source_dtype if option == "auto" else DTYPES[option]
+
+
+def estimated_load_bytes(model_path: Path) -> int:
+    """What loading the whole model in float32 takes: 4 bytes per stored element (plus nothing else counted)."""
+    reader = ShardReader(model_path)
+    total = 0
+    for name in reader.weight_map:
+        tensor_slice = reader._handles.get(reader.weight_map[name])
+        if tensor_slice is None:
+            reader.get(name)
+            tensor_slice = reader._handles[reader.weight_map[name]]
+        total += math.prod(tensor_slice.get_slice(name).get_shape())
+    return total * 4
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (or a large number where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def would_not_fit(model_path: Path) -> bool:
+    """Would the in-memory path (float32 model, plus as much again for gradients or copies) exceed memory?"""
+    try:
+        return 2 * estimated_load_bytes(model_path) > available_bytes()
+    except (UserError, OSError, ValueError):
+        return False
+
+
+class _NegativeLogLikelihood(LayerCallback):
+    """The tail stage of a streamed perplexity: the evaluation protocol's NLL on each window's logits."""
+
+    needs_tail = True
+
+    def __init__(self) -> None:
+        self.total_nll, self.predicted = 0.0, 0
+
+    def tail(self, model, output, input_ids) -> None:
+        logits = output.logits.float()
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = input_ids[:, 1:].to(log_probs.device)
+        self.total_nll -= log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+        self.predicted += targets.numel()
+
+
+def streamed_perplexity(source, tokenizer, text: str, seq_len: int = 512, max_tokens: int = 4096,
+                        progress=None) -> PerplexityResult:
+    """evaluation/perplexity.py's protocol, computed one decoder layer at a time."""
+    windows = token_windows(tokenizer, text, seq_len, max(1, max_tokens // seq_len), purpose="evaluation")
+    nll = _NegativeLogLikelihood()
+    LayerPipeline(source, [nll], progress=progress).run(windows)
+    return PerplexityResult(math.exp(nll.total_nll / nll.predicted), nll.predicted + len(windows), len(windows),
+                            seq_len)
+
+
+def _refuse_unsupported(options, estimator) -> None:
+    if estimator.needs_gradients or estimator.name == "fisher":
+        raise UserError(f"--importance {options.importance} needs gradients of the whole model, which the streaming "
+                        "path does not compute yet; use --importance wanda-sp, flap, obs, l1 or l2 with --streaming")
+    if options.reconstruct == "bias":
+        raise UserError("--reconstruct bias adds biases to the whole model, which the streaming path does not do; "
+                        "use --reconstruct ls or obs with --streaming")
+    if options.calibration == "self":
+        raise UserError("--calibration self generates text with the whole model; pass --calibration FILE with "
+                        "--streaming")
+
+
+def run_prune_streaming(options, model_path: Path, out: Path, timer):
+    """The prune job with one decoder layer in memory at a time; returns a PruneResult like run_prune."""
+    from transformers import AutoTokenizer
+
+    from depgraph_llm import pipeline as job
+
+    estimator = get_estimator(options.importance)
+    _refuse_unsupported(options, estimator)
+    with timer("load"):
+        reader_dtype = ShardReader(model_path).dtype()
+        source = StreamingSource(model_path, compute_dtype(options.dtype, reader_dtype),
+                                 trust_remote_code=options.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
+        source_hash = weights_hash(model_path)
+    model = source.model
+    options = job.fit_windows_to_context(options, model.config)
+    cal_source, eval_text, cal_files, eval_files = job._texts(options)
+    if eval_text is None and options.evaluate:
+        raise UserError("no evaluation text is installed and the streaming path cannot generate one; pass "
+                        "--eval-text FILE or --no-eval")
+    cal_text = cal_source.text()
+    needs_calibration = (estimator.needs_calibration or options.schedule == "depth" or options.reconstruct != "none"
+                         or options.layers_removed is not None)
+    with timer("calibration"):
+        calibration = job.calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
+    spec = spec_for(model.config.model_type)
+    allocation = job.allocation_for(options, getattr(model.config, spec.layers_field))
+    if options.vocab_keep:
+        allocation = replace(allocation, vocab_ids=tuple(job._vocab_ids(model, tokenizer, cal_text, calibration,
+                                                                         options)))
+    progress = job._progress
+    ppl_before = None
+    if options.evaluate and not options.dry_run:
+        with timer("perplexity_before"):
+            ppl_before = streamed_perplexity(source, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
+                                             progress("perplexity (layer by layer)", options.show_progress))
+    plan, coupling = job.plan_in_memory(model, calibration, options, source_hash, timer, allocation, source=source)
+    if options.dry_run:
+        report = job.plan_report(model_path, source_hash, coupling, plan, timer)
+        report.update(dry_run=True, streaming=True,
+                      estimated_checkpoint_bytes=plan.params_after * torch.empty(0, dtype=reader_dtype).element_size())
+        return job.PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+    out_dtype = reader_dtype
+    check_free_space(out, plan.params_after * torch.empty(0, dtype=out_dtype).element_size())
+    with atomic_dir(out, options.overwrite) as tmp:
+        write_slim_checkpoint(source, coupling, plan, calibration, options, tmp, out_dtype, timer)
+        tokenizer = job.pruned_tokenizer(tokenizer, plan)
+        tokenizer.save_pretrained(tmp)
+        ppl_after = None
+        if options.evaluate:
+            with timer("perplexity_after"):
+                ppl_after = streamed_perplexity(StreamingSource(tmp, source.dtype), tokenizer, eval_text,
+                                                options.eval_seq_len, options.eval_tokens,
+                                                progress("perplexity (layer by layer)", options.show_progress))
+        report = job.plan_report(model_path, source_hash, coupling, plan, timer)
+        report["streaming"] = {"compute_dtype": str(source.dtype).removeprefix("torch."),
+                               "output_dtype": str(out_dtype).removeprefix("torch."),
+                               "shards": len(list(tmp.glob("*.safetensors")))}
+        report["calibration"] = {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len,
+                                 "source": cal_source.record(options.seq_len, len(calibration), options.seed)}
+        report["perplexity"] = {"protocol": "evaluation/perplexity.py (computed layer by layer)", "files": eval_files,
+                                "before": ppl_before.to_dict() if ppl_before else None,
+                                "after": ppl_after.to_dict() if ppl_after else None}
+        report["timings_s"] = timer.times
+        (tmp / "prune_plan.json").write_text(plan.to_json() + "\n")
+        write_json(tmp / "prune_report.json", report)
+    return job.PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+
+
+def write_slim_checkpoint(source: StreamingSource, coupling, plan, calibration: list[torch.Tensor], options,
+                          folder: Path, out_dtype: torch.dtype, timer, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """One layer-pipeline pass that reconstructs (when asked), slices and writes each layer, then the final step
+    on the skeleton and the tensors outside the layers; weights and config.json land in `folder`."""
+    from depgraph_llm import pipeline as job
+
+    model = source.model
+    spec = spec_for(model.config.model_type)
+    writer = ShardWriter(folder, max_shard_bytes)
+    reconstruction = prepare_reconstruction(coupling, plan, calibration, options.reconstruct, options.reconstruct_mode)
+    layer_pass = LayerPipeline(source, [reconstruction] if reconstruction else [],
+                               ShardSink(writer, coupling, plan, spec, out_dtype),
+                               progress=job._progress("slice and write", options.show_progress))
+    with timer("reconstruct" if reconstruction else "apply"):
+        layer_pass.run(calibration if reconstruction else [])
+    if reconstruction is not None:
+        plan.reconstruct_report = reconstruction.report.to_dict()
+    writer.flush()
+    with timer("apply_config"):
+        finish_plan(model, coupling, plan, spec, runnable=False,
+                    adopt=streamed_adopt(ShardReader.of_writer(writer), coupling.layers_path, source.dtype))
+    actual = sum(p.numel() for p in model.parameters())
+    if actual != plan.params_after:
+        raise RuntimeError(f"internal error: planned {plan.params_after} parameters, skeleton has {actual}")
+    prefix, seen = f"{coupling.layers_path}.", set()
+    for name, tensor in model.state_dict().items():
+        if name.startswith(prefix) or tensor.device.type == "meta":
+            continue
+        if tensor.data_ptr() in seen:  # tied weights are stored once, as save_pretrained does
+            continue
+        seen.add(tensor.data_ptr())
+        writer.add(name, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+    writer.finish()
+    model.config.dtype = out_dtype
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    if is_heterogeneous(model.config):
+        copy_modeling_code(model.config, folder)
