@@ -37,6 +37,7 @@ from depgraph_llm.importance.depth import angular_distance, angular_distances, b
 from depgraph_llm.planning.schedules import NONUNIFORM, plan_nonuniform
 from depgraph_llm.planning.vocab import kept_token_ids, prune_tokenizer_files
 from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
+from depgraph_llm.planning.experts import moe_report
 from depgraph_llm.planning.budget import RATIO_TOLERANCE, Allocation, ParamCounter, Widths, plan_depth, plan_uniform  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,7 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
         "params_before": plan.params_before, "params_after": plan.params_after,
         "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
         "layer_widths_before": layer_widths(coupling), "layer_widths_after": layer_widths(coupling, plan),
+        **moe_report(coupling, plan),
         "timings_s": timer.times,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }

@@ -45,12 +45,15 @@ def prune_summary(report: dict, out: Path) -> str:
         *([["mode", "dry run: nothing was written"]] if report.get("dry_run") else []),
         ["parameters", f"{_fmt_params(report['params_before'])} -> {_fmt_params(report['params_after'])}"],
         ["ratio requested / achieved", f"{report['ratio_requested']:.3f} / {report['ratio_achieved']:.3f}"],
+        *([["active parameters per token", f"{_fmt_params(report['active_params_before'])} -> "
+            f"{_fmt_params(report['active_params_after'])} (ratio {report['active_ratio_achieved']:.3f})"]]
+          if "active_params_before" in report else []),
     ]
     before, after = report["layer_widths_before"], report["layer_widths_after"]
     if before and len(before) != len(after):
         rows.append(["decoder layers", f"{len(before)} -> {len(after)}"])
     if before and after:
-        keys = [k for k in ("mlp", "q_heads", "kv_heads") if k in before[0]]
+        keys = [k for k in ("mlp", "q_heads", "kv_heads", "experts", "expert_mlp") if k in before[0]]
         rows.append(["layer widths " + "/".join(keys), " / ".join(f"{before[0][k]}->{_span(after, k)}" for k in keys)])
     ppl = report.get("perplexity") or {}
     if ppl.get("before") and ppl.get("after"):
@@ -70,6 +73,12 @@ def prune_summary(report: dict, out: Path) -> str:
     return "\n" + table(rows, ["", "depgraph-llm prune"])
 
 
+def _member(param: str) -> str:
+    """A parameter's short label: its module ("q_proj") or, for a bare parameter (fused experts), its own name."""
+    module, _, leaf = param.rpartition(".")
+    return module.rpartition(".")[2] if leaf in ("weight", "bias") else leaf
+
+
 def groups_table(coupling: CouplingGraph, model, show_all: bool = False) -> str:
     """Groups as a table; by default the global groups plus the first layer's (the others repeat it)."""
     params = dict(model.named_parameters())
@@ -84,7 +93,7 @@ def groups_table(coupling: CouplingGraph, model, show_all: bool = False) -> str:
             continue
         per_unit = sum(params[s.param].numel() // s.axis_size * s.length // group.size
                        for s in group.slices if s.param in params)
-        members = ", ".join(sorted({f"{s.param.rsplit('.', 2)[-2]}[{s.axis}]" + (
+        members = ", ".join(sorted({f"{_member(s.param)}[{s.axis}]" + (
             f"@{s.offset}" if s.length != s.axis_size else "") for s in group.slices}))  # @offset: a fused segment
         units = f"{group.size}" + (f" x {group.nested.size} q/kv" if group.nested else "")
         rows.append([group.name, group.kind.value, units, group.unit_width, f"{per_unit:,}", members[:70]])

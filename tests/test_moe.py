@@ -279,3 +279,50 @@ def test_default_grouped_mm_runs_the_pruned_model(tmp_path):
     assert default.config._experts_implementation == "grouped_mm"
     assert torch.allclose(logits(default), logits(load(tmp_path / "out")), atol=1e-5)
     assert torch.equal(logits(default), logits(model))
+
+
+def test_active_parameters_count_only_the_top_k_experts():
+    """Hand count on the tiny Mixtral (5 experts of 3 x 37 x 48 weights, top-2, 2 layers): a token skips 3 experts
+    per layer before, and 1 after keeping experts [0, 2, 3]; the router runs for every token."""
+    from depgraph_llm.planning.experts import active_parameters
+
+    model = tiny_moe("mixtral")
+    coupling = build_coupling(model)
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * 37 * 48
+    assert active_parameters(coupling) == (total, total - 2 * 3 * per_expert)
+    plan = moe_plan(model, coupling, "experts")
+    after = total - 2 * 2 * (per_expert + 48)  # 2 layers x 2 experts, each with its router row
+    assert active_parameters(coupling, plan) == (after, after - 2 * 1 * per_expert)
+    assert active_parameters(build_coupling(tiny_moe("qwen2-moe"))) is not None
+
+
+@pytest.mark.slow
+def test_prune_cli_end_to_end_on_tiny_mixtral(tmp_path):
+    """prune.py with the default recipe (taylor, uniform, OBS reconstruction, which leaves the routed experts as
+    they are) on a saved tiny Mixtral reaches --ratio 0.3, reports the active-parameter ratio, and saves a stock
+    checkpoint; `depgraph-llm graph` lists the expert groups."""
+    import json
+
+    from tests.cli_helpers import run_cli, run_prune
+
+    model = tiny_moe("mixtral", implementation="grouped_mm", intermediate_size=384, num_local_experts=4,
+                     num_hidden_layers=2)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    graph = run_cli("graph", "--model", str(tmp_path / "src"))
+    assert graph.returncode == 0, graph.stderr[-2000:]
+    assert "layers.0.mlp.experts " in graph.stdout and "expert_channels" in graph.stdout
+    assert "ops frozen" not in graph.stdout
+    result = run_prune("--model", str(tmp_path / "src"), "--ratio", "0.3", "--experts-keep", "3", "--out",
+                       str(tmp_path / "out"), "--seq-len", "32", "--calibration-samples", "2", "--eval-tokens", "128")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert abs(report["ratio_achieved"] - 0.3) <= 0.01
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    config = reloaded.config
+    assert config.num_local_experts == 3 and config.model_type == "mixtral"
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
+    per_expert = 3 * config.intermediate_size * config.hidden_size
+    assert report["active_params_after"] == report["params_after"] - 2 * (3 - 2) * per_expert

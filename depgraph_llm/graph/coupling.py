@@ -31,6 +31,7 @@ class CouplingGraph:
     layers_path: str | None
     trace_seconds: float
     frozen_ops: list[str] = field(default_factory=list)
+    experts_per_token: int | None = None  # mixture of experts: the config's num_experts_per_tok (top-k)
 
     def by_name(self) -> dict[str, Group]:
         return {g.name: g for g in self.groups}
@@ -77,7 +78,9 @@ def build_coupling(model: nn.Module, trace: Trace | None = None) -> CouplingGrap
         if group.kind == GroupKind.HEADS and group.nested is None:
             group.queries_per_unit = _queries_per_unit(model, group, layers_path)
     groups += _layer_groups(model, layers_path)
-    return CouplingGraph(graph, groups, layers_path, trace.seconds, sorted(prop.unknown_ops))
+    top_k = getattr(model.config, "num_experts_per_tok", None) if hasattr(model, "config") else None
+    return CouplingGraph(graph, groups, layers_path, trace.seconds, sorted(prop.unknown_ops),
+                         top_k if isinstance(top_k, int) else None)
 
 
 def module_path_of(short: str, layers_path: str | None) -> str:
