@@ -200,6 +200,14 @@ def test_checkpoint_whose_shapes_differ_from_its_config_is_refused_in_one_line(t
     config["intermediate_size"] += 3
     (slim_dir / "config.json").write_text(json.dumps(config))
     assert "config.json describes" in _bad(tmp_path, slim_dir)
+
+
+@pytest.mark.slow
+def test_cli_recover_refuses_mismatched_shapes_in_one_line(tmp_path):
+    _, slim_dir = _slim_checkpoint(tmp_path, "uniform")
+    config = json.loads((slim_dir / "config.json").read_text())
+    config["intermediate_size"] += 3
+    (slim_dir / "config.json").write_text(json.dumps(config))
     before = tree_digest(slim_dir)
     result = run_cli("recover", str(slim_dir), "--out", str(tmp_path / "cli-out"), "--steps", "2", "--no-eval")
     assert "config.json describes" in one_line_error(result)
