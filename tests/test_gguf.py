@@ -17,13 +17,14 @@ import torch
 
 from depgraph_llm.checkpoint.gguf_export import export_gguf
 from depgraph_llm.errors import UserError
-from tests.tiny import tiny_model
+from tests.tiny import LICENSES, tiny_model
 
 MIXED_TEXTS = [
     "Call 555-0123 or 1234567 before 3.14159 and 1,000,000 (v2.0.11)",
     "def f(x):\n    return x ** 2  # it's\n\n\tif a != b: print('don''t')",
     "I'm sure they're here, we've seen it; you'll see what I'd done.  She's   gone",
     "spaces    runs\t\ttabs\n\n\nnewlines   \n  trailing   ",
+    "Terms:\n\n  0. Definitions.\n\n   1. Source   22 items  333",
     "Ünïcödé naïve café — “quotes” 🚀 日本語 مرحبا",
 ]
 CONVERTER_NOTE = "needs a llama.cpp source tree (convert_hf_to_gguf.py) at $LLAMA_CPP_DIR"
@@ -55,17 +56,42 @@ def _tiny_with_tokenizer(folder: Path, tokenizer_files: Path | None = None, toke
     return folder
 
 
-@pytest.fixture(scope="module")
-def smol_tokenizer_dir() -> Path:
+def smollm2_tokenizer_files(target: Path) -> Path:
+    """SmolLM2's tokenizer files with the published pre-tokenizer (digits isolated, then GPT-2 byte-level).
+
+    The cached default model's tokenizer was rebuilt by transformers from the embedded GGUF, which drops the Digits
+    splitter; the check-text hash (no space run before a digit) cannot tell the two apart."""
     from depgraph_llm.checkpoint.loading import default_model_dir
 
-    return default_model_dir()
+    target.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(default_model_dir() / name, target / name)
+    data = json.loads((target / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    (target / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    return target
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer_dir(tmp_path_factory) -> Path:
+    return smollm2_tokenizer_files(tmp_path_factory.mktemp("smol-tok") / "smollm2")
 
 
 @pytest.fixture(scope="module")
 def smol_gguf(tmp_path_factory, smol_tokenizer_dir) -> tuple[Path, Path]:
     folder = _tiny_with_tokenizer(tmp_path_factory.mktemp("smol") / "tiny-smol", smol_tokenizer_dir, vocab_size=49152)
     return folder, export_gguf(folder, folder.parent / "tiny-smol.gguf", "f32")
+
+
+@pytest.fixture(scope="module")
+def rebuilt_gguf(tmp_path_factory) -> tuple[Path, Path]:
+    from depgraph_llm.checkpoint.loading import default_model_dir
+
+    folder = _tiny_with_tokenizer(tmp_path_factory.mktemp("rebuilt") / "tiny-rebuilt", default_model_dir(),
+                                  vocab_size=49152)
+    return folder, export_gguf(folder, folder.parent / "tiny-rebuilt.gguf", "f32")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +120,12 @@ def test_byte_level_bpe_metadata_is_what_llama_cpp_converter_writes(smol_gguf, s
     assert tokens[1] == "<|im_start|>" and types[1] == 3 and types[1000] == 1
     assert {tokens[i]: i for i in range(len(tokens))} == {**data["model"]["vocab"],
                                                           **{t["content"]: t["id"] for t in data["added_tokens"]}}
+
+
+def test_pre_tokenizer_follows_how_digits_are_split(rebuilt_gguf):
+    """Same check-text hash as SmolLM2, but no Digits splitter: llama.cpp's "gpt-2" regex is the one that splits
+    like it (the converter writes "smollm" here, and llama.cpp then splits "\n\n  0." differently)."""
+    assert _fields(rebuilt_gguf[1])["tokenizer.ggml.pre"] == "gpt-2"
 
 
 def test_sentencepiece_vocabulary_exports_as_llama_tokenizer(spm_gguf):
@@ -184,16 +216,18 @@ def test_refuses_what_llama_cpp_cannot_read_in_one_line(tmp_path, smol_tokenizer
 
 
 @pytest.mark.slow
-def test_tokenizer_metadata_equals_llama_cpp_converter(smol_gguf, spm_gguf, tmp_path):
+def test_tokenizer_metadata_equals_llama_cpp_converter(smol_gguf, rebuilt_gguf, spm_gguf, tmp_path):
     """Run llama.cpp's own convert_hf_to_gguf.py --vocab-only on the same folders and compare every tokenizer key.
     Known, deliberate differences: we also write add_eos/add_sep_token, add_space_prefix (llama.cpp's defaults made
     explicit), and for a SentencePiece tokenizer without tokenizer.model the converter writes score -1000 for every
-    token, where ours are merge ranks (so llama.cpp merges in HF's order: see the llama.cpp tokenization test)."""
+    token, where ours are merge ranks (so llama.cpp merges in HF's order: see the llama.cpp tokenization test); for
+    SmolLM2's tokenizer rebuilt without its Digits splitter the converter writes "smollm", we write "gpt-2"."""
     source = Path(os.environ.get("LLAMA_CPP_DIR", Path.home() / ".cache" / "depgraph-llm" / "llama.cpp"))
     if not (source / "convert_hf_to_gguf.py").is_file():
         pytest.skip(CONVERTER_NOTE)
     extras = {"tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_sep_token", "tokenizer.ggml.add_space_prefix"}
     for folder, ours, ignore in ((smol_gguf[0], smol_gguf[1], set()),
+                                 (rebuilt_gguf[0], rebuilt_gguf[1], {"tokenizer.ggml.pre"}),
                                  (spm_gguf[0], spm_gguf[1], {"tokenizer.ggml.scores"})):
         reference = tmp_path / f"{folder.name}-converter.gguf"
         run = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder), "--vocab-only",
@@ -208,7 +242,7 @@ def test_tokenizer_metadata_equals_llama_cpp_converter(smol_gguf, spm_gguf, tmp_
 
 
 @pytest.mark.slow
-def test_llama_cpp_tokenizes_like_hf(smol_gguf, spm_gguf):
+def test_llama_cpp_tokenizes_like_hf(smol_gguf, rebuilt_gguf, spm_gguf):
     """The real llama.cpp (llama-cpp-cffi) on the exported files: same ids as the HF tokenizer on digits, code,
     contractions, whitespace runs and non-Latin text, for byte-level BPE (smollm) and SentencePiece (llama)."""
     from transformers import AutoTokenizer
@@ -217,11 +251,21 @@ def test_llama_cpp_tokenizes_like_hf(smol_gguf, spm_gguf):
 
     if llama_cpp_runtime()[1]:
         pytest.skip(llama_cpp_runtime()[1])
-    for folder, path in (smol_gguf, spm_gguf[:2]):
+    import sentencepiece as spm
+
+    texts = MIXED_TEXTS + [(LICENSES / "GPL-3").read_text()]  # GPL-3 opens with a run of spaces
+    for folder, path in (smol_gguf, rebuilt_gguf, spm_gguf[:2]):
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        result = llama_cpp(path, MIXED_TEXTS)
-        expected = [tokenizer.encode(text, add_special_tokens=False) for text in MIXED_TEXTS]
-        assert result["ids"] == expected, folder.name
+        result = llama_cpp(path, texts)
+        expected = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        if folder == spm_gguf[0]:
+            # HF's Metaspace adds no "▁" prefix to a text that already starts with a space; SentencePiece (and
+            # llama.cpp) always do: there the reference is sentencepiece itself
+            assert result["ids"] == spm.SentencePieceProcessor(model_proto=spm_gguf[2]).encode(texts)
+            expected, result["ids"] = zip(*[(e, r) for e, r, t in zip(expected, result["ids"], texts)
+                                             if not t[:1].isspace()])
+            assert len(expected) == len(MIXED_TEXTS)
+        assert list(result["ids"]) == list(expected), folder.name
         assert result["add_bos"] == (tokenizer.encode("a")[0] == tokenizer.bos_token_id)
 
 

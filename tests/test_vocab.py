@@ -41,10 +41,9 @@ def test_pruned_byte_level_tokenizer_keeps_its_llama_cpp_pre_tokenizer(tmp_path)
 
     from depgraph_llm.checkpoint.gguf_export import export_gguf
     from depgraph_llm.checkpoint.gguf_pretokenizer import known_pre_tokenizer
-    from depgraph_llm.checkpoint.loading import default_model_dir
-    from tests.test_gguf import _tiny_with_tokenizer
+    from tests.test_gguf import _tiny_with_tokenizer, smollm2_tokenizer_files
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_files(tmp_path / "smollm2"))
     kept, pruned = _prune(tokenizer, tmp_path / "tok", 2000, (LICENSES / "GPL-2").read_text())
     assert known_pre_tokenizer(pruned) is None  # renumbered ids: llama.cpp's fingerprint no longer matches
     folder = _tiny_with_tokenizer(tmp_path / "model", tokenizer=pruned, vocab_size=len(kept))

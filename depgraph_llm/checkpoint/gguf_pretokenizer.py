@@ -5,6 +5,7 @@ name. Its HF converter names it by tokenizing a fixed check text and hashing the
 hashes of the tokenizers below are reproduced here as data, so an export gets the name llama.cpp's converter would
 write. A pruned vocabulary renumbers the ids (the hash no longer matches), so vocabulary pruning records the name
 of the source tokenizer in tokenizer_config.json (`RECORDED_KEY`), and that record is used when the hash is unknown.
+One correction the hash cannot see (`ISOLATES_DIGITS`): the name is checked against how the tokenizer splits digits.
 """
 from __future__ import annotations
 
@@ -38,10 +39,28 @@ PRE_TOKENIZER_BY_HASH = {
 }
 RECORDED_KEY = "gguf_pre_tokenizer"
 
+# llama.cpp names whose regex isolates every digit, and the name of the same regex without that. The check text
+# never has a space run before a digit, so a tokenizer without the Digits splitter (SmolLM2's as transformers
+# rebuilds it from a GGUF) gets the same hash; llama.cpp would then split "  0." unlike the HF tokenizer
+ISOLATES_DIGITS = {"smollm": "gpt-2"}
+
 
 def check_hash(tokenizer) -> str:
     """The converter's fingerprint of a tokenizer: sha256 of its ids on the check text."""
     return sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+
+
+def isolates_digits(tokenizer) -> bool:
+    """Whether the tokenizer's pre-tokenizer splits digits from the spaces before them."""
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    return pre is not None and any(piece == "1" for piece, _ in pre.pre_tokenize_str(" 1"))
+
+
+def matching_pre_tokenizer(name: str, tokenizer) -> str:
+    """`name`, or its digit-agnostic sibling when the tokenizer does not isolate digits as `name` does."""
+    if name in ISOLATES_DIGITS and not isolates_digits(tokenizer):
+        return ISOLATES_DIGITS[name]
+    return name
 
 
 def known_pre_tokenizer(tokenizer) -> str | None:

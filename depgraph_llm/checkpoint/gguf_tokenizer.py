@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from depgraph_llm.checkpoint.gguf_pretokenizer import RECORDED_KEY, check_hash, known_pre_tokenizer
+from depgraph_llm.checkpoint.gguf_pretokenizer import (RECORDED_KEY, check_hash, known_pre_tokenizer,
+                                                       matching_pre_tokenizer)
 from depgraph_llm.errors import UserError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp token types
@@ -200,7 +201,7 @@ def _pre_tokenizer(tokenizer, family: str, tok_config: dict, path: Path) -> str:
         raise UserError(f"cannot tell which llama.cpp pre-tokenizer {path} needs (check-text hash "
                         f"{check_hash(tokenizer)[:12]} is not a known tokenizer); llama.cpp would split text "
                         "differently from it, so the export is refused")
-    return name
+    return matching_pre_tokenizer(name, tokenizer)
 
 
 def read_vocab(folder: Path, vocab_size: int) -> GgufVocab:
