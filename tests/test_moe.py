@@ -208,10 +208,10 @@ def test_moe_conformance(arch, tmp_path):
 
 def plant_unused_expert(model, expert: int, channel: int = 5) -> None:
     """Make `expert` of every layer unselectable: hidden `channel` is a positive constant in every token's residual
-    stream (the embedding writes 1.0 there, no layer writes to it), so after any norm with positive weights it is
-    positive, and the expert's router row reads it with weight -1e4."""
+    stream (the embedding writes 0.05 there, no layer writes to it), so after any norm with positive weights it is
+    positive; only the expert's router row reads it, with weight -1e4 (the others' routing is left to the rest)."""
     with torch.no_grad():
-        model.get_input_embeddings().weight[:, channel] = 1.0
+        model.get_input_embeddings().weight[:, channel] = 0.05
         for name, param in model.named_parameters():
             if name.endswith(("o_proj.weight", "shared_expert.down_proj.weight")):
                 param[channel] = 0.0
@@ -219,6 +219,7 @@ def plant_unused_expert(model, expert: int, channel: int = 5) -> None:
                 param[:, channel] = 0.0
         for layer in model.model.layers:
             assert bool((layer.post_attention_layernorm.weight[channel] > 0).all())
+            layer.mlp.gate.weight[:, channel] = 0.0
             layer.mlp.gate.weight[expert] = 0.0
             layer.mlp.gate.weight[expert, channel] = -1e4
 
