@@ -107,9 +107,9 @@ def write_markdown(out: Path, data: dict) -> None:
     names = list(dense)
     held_out = [n for n in names if n not in DEFAULT_MIX]  # never calibrated on by licences or mixed
     header = ["ratio", "calibration", *names, "geo-mean (not calibrated on)",
-              f"geo-mean ({', '.join(held_out)})", "calibration s", "prune s"]
+              f"geo-mean ({', '.join(held_out)})", "calibration s", "prune s", "run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             "| 0 | dense (perplexity) | " + " | ".join(f"{dense[n]:.2f}" for n in names) + " | - | - | - | - |"]
+             "| 0 | dense (perplexity) | " + " | ".join(f"{dense[n]:.2f}" for n in names) + " | - | - | - | - | - |"]
     for r in data["rows"]:
         if r["source"] == "dense":
             continue
@@ -118,7 +118,7 @@ def write_markdown(out: Path, data: dict) -> None:
         unseen = [ratios[n] for n in names if n not in r["calibrated_on"]]
         lines.append(f"| {r['target_ratio']} | {r['source']} | " + " | ".join(cells) +
                      f" | {_geo(unseen)} | {_geo([ratios[n] for n in held_out])} | {r['calibration_s']} | "
-                     f"{r['prune_s']} |")
+                     f"{r['prune_s']} | {r.get('run', '-')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -128,3 +128,26 @@ def _geo(values: list[float]) -> str:
 
 def default_sources() -> list[str]:
     return ["licences", "mixed", *(f"self:{name}" for name in SELF_RECIPES)]
+
+
+def merge(out: Path, inputs: list[Path]) -> None:
+    """One results.json/results.md from several study runs (the dense row from the first that has one)."""
+    rows: list[dict] = []
+    model = ""
+    for folder in (f for f in inputs if (f / "results.json").is_file()):
+        data = json.loads((folder / "results.json").read_text())
+        model = model or data["model"]
+        for row in data["rows"]:
+            if row["source"] != "dense" or not any(r["source"] == "dense" for r in rows):
+                rows.append({**row, "run": folder.name})
+    rows.sort(key=lambda r: (r["source"] != "dense", r.get("target_ratio", 0)))
+    out.mkdir(parents=True, exist_ok=True)
+    merged = {"model": model, "rows": rows}
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
+    write_markdown(out, merged)
+
+
+if __name__ == "__main__":  # python scripts/bench_calibration.py OUT RUN_DIR [RUN_DIR ...]: merge study runs
+    import sys
+
+    merge(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])

@@ -184,3 +184,17 @@ def test_default_prune_report_records_registers_files_and_sha256(tiny_checkpoint
         assert part["sha256"] == corpus_part(part["register"], "calibration").sha256
         assert part["files"] == list(corpus_part(part["register"], "calibration").files)
     assert sum(p["windows"] for p in source["parts"]) == 3
+
+
+def test_licence_calibration_at_default_sizes_is_the_old_default():
+    from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, default_files, load_text, mixed_source,
+                                          token_windows)
+    from depgraph_llm.corpora import is_available
+    from tests.tiny import tiny_tokenizer
+
+    if not is_available("licences"):
+        pytest.skip("no /usr/share/common-licenses here")
+    tokenizer = tiny_tokenizer()
+    old = token_windows(tokenizer, load_text(default_files(DEFAULT_CALIBRATION_FILES)), 512, 8, 0)
+    new = mixed_source(("licences",)).windows(None, tokenizer, 512, 8, 0)
+    assert len(new) == 8 and all((a == b).all() for a, b in zip(old, new))
