@@ -327,3 +327,34 @@ def test_prune_cli_end_to_end_on_tiny_mixtral(tmp_path):
     assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
     per_expert = 3 * config.intermediate_size * config.hidden_size
     assert report["active_params_after"] == report["params_after"] - 2 * (3 - 2) * per_expert
+
+
+@pytest.mark.slow
+def test_per_layer_expert_counts_and_widths_reload(tmp_path):
+    """Layer 0 keeps 3 experts of 33 channels, layer 1 keeps 4 of 29: a per_layer_config checkpoint that loads with
+    load_pruned and, in a fresh process without depgraph-llm, with its own remote code; identical outputs."""
+    from depgraph_llm import load_pruned
+    from tests.test_slim_checkpoints import fresh_process_outputs
+
+    model = tiny_moe("qwen2-moe")
+    coupling = build_coupling(model)
+    keep = {}
+    for group in coupling.groups:
+        if group.kind == GroupKind.EXPERTS:
+            keep[group.name] = [0, 2, 3] if group.layer == 0 else [0, 1, 2, 4]
+        if group.kind == GroupKind.EXPERT_CHANNELS:
+            keep[group.name] = list(range(group.size - 4 * (group.layer + 1)))
+    params = sum(p.numel() for p in model.parameters())
+    plan = PrunePlan("", "qwen2_moe", "test", "experts", 0, 0.1, 1, params, 0, keep=keep)
+    apply_plan(model, coupling, plan, spec_for("qwen2_moe"))
+    plan.params_after = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * 48  # one channel of one expert: a gate row, an up row, a down column
+    router_row = 48
+    assert params - plan.params_after == 2 * (37 * per_expert + router_row) + 1 * (37 * per_expert + router_row) + (
+        3 * 4 * per_expert + 4 * 8 * per_expert)  # layer 0: 2 experts, layer 1: 1 expert; then the channels
+    assert model.config.model_type == "depgraph_qwen2_moe"
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "out", plan, {}, overwrite=False)
+    reloaded = load_pruned(tmp_path / "out").eval()
+    assert torch.equal(logits(reloaded), logits(model)) and torch.equal(greedy(reloaded), greedy(model))
+    fresh = fresh_process_outputs([tmp_path / "out"], tmp_path / "fresh", new_tokens=6)[str(tmp_path / "out")]
+    assert torch.equal(fresh["logits"], logits(model)) and torch.equal(fresh["generated"], greedy(model))

@@ -21,7 +21,8 @@ from .lora import lora_config
 def check_maskable(coupling: CouplingGraph, plan: PrunePlan) -> None:
     """Refuse plans whose masked dense model would not compute what the slim one does."""
     for kind, why in ((GroupKind.HIDDEN, "norms average over the zeroed hidden channels"),
-                      (GroupKind.VOCAB, "zeroed vocabulary rows still take softmax mass")):
+                      (GroupKind.VOCAB, "zeroed vocabulary rows still take softmax mass"),
+                      (GroupKind.EXPERTS, "a zeroed router row still takes routing mass")):
         for group in coupling.of_kind(kind):
             if group.name in plan.keep and len(plan.keep[group.name]) < group.size:
                 raise UserError(f"--recover masked cannot hold this plan's {kind.value} pruning at zero ({why}); "
