@@ -165,7 +165,7 @@ def test_gguf_export_round_trip(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=PROMPT).logits
     for dtype, tolerance in (("f32", 0.0), ("f16", 2e-2)):
-        target = tmp_path / "slim" / f"model-{dtype}.gguf"
+        target = tmp_path / f"model-{dtype}.gguf"  # outside the source folder, which export never writes to
         result = run_cli("export-gguf", str(tmp_path / "slim"), "--out", str(target), "--dtype", dtype)
         assert result.returncode == 0, result.stderr[-2000:]
         reader = gguf.GGUFReader(str(target))
@@ -175,7 +175,7 @@ def test_gguf_export_round_trip(tmp_path):
         by_name = {t.name: t for t in reader.tensors}
         assert by_name["blk.0.ffn_up.weight"].shape.tolist() == [48, 30]  # GGUF lists dims fastest-first
         assert len(by_name) == len(model.state_dict())
-        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "slim"), gguf_file=target.name,
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=target.name,
                                                       dtype=torch.float32)
         with torch.no_grad():
             gap = (loaded(input_ids=PROMPT).logits - expected).abs().max()
