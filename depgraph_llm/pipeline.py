@@ -32,6 +32,7 @@ from depgraph_llm.recovery.reconstruct import check_supported, prepare_reconstru
 from depgraph_llm.layers import InMemorySource, LayerPipeline
 from depgraph_llm.layers.sink import SliceSink
 from depgraph_llm.streaming import run_prune_streaming, would_not_fit
+from depgraph_llm.stage_memory import peak_rss, reset_peak
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.importance.depth import angular_distance, angular_distances, block_influence
 from depgraph_llm.planning.schedules import NONUNIFORM, plan_nonuniform
@@ -161,18 +162,23 @@ class PruneResult:
 
 
 class _Timer:
+    """Wall time and peak RSS of each stage (`with timer("name"): ...`)."""
+
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}
 
     def __call__(self, name: str):
         timer = self
 
         class _Span:
             def __enter__(self):
+                reset_peak()
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
                 timer.times[name] = round(time.perf_counter() - self.start, 3)
+                timer.peaks[name] = max(timer.peaks.get(name, 0), peak_rss())
 
         return _Span()
 
@@ -325,6 +331,7 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
         **moe_report(coupling, plan),
         "timings_s": timer.times,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_by_stage_bytes": dict(timer.peaks),
     }
 
 

@@ -35,16 +35,8 @@ def compute_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
 
 
 def estimated_load_bytes(model_path: Path) -> int:
-    """What loading the whole model in float32 takes: 4 bytes per stored element (plus nothing else counted)."""
-    reader = ShardReader(model_path)
-    total = 0
-    for name in reader.weight_map:
-        tensor_slice = reader._handles.get(reader.weight_map[name])
-        if tensor_slice is None:
-            reader.get(name)
-            tensor_slice = reader._handles[reader.weight_map[name]]
-        total += math.prod(tensor_slice.get_slice(name).get_shape())
-    return total * 4
+    """What loading the whole model in float32 takes: 4 bytes per stored element (read from the headers)."""
+    return ShardReader(model_path).numel() * 4
 
 
 def available_bytes() -> int:
@@ -92,10 +84,7 @@ def streamed_perplexity(source, tokenizer, text: str, seq_len: int = 512, max_to
                             seq_len)
 
 
-def _refuse_unsupported(options, estimator) -> None:
-    if estimator.needs_gradients or estimator.name == "fisher":
-        raise UserError(f"--importance {options.importance} needs gradients of the whole model, which the streaming "
-                        "path does not compute yet; use --importance wanda-sp, flap, obs, l1 or l2 with --streaming")
+def _refuse_unsupported(options) -> None:
     if options.reconstruct == "bias":
         raise UserError("--reconstruct bias adds biases to the whole model, which the streaming path does not do; "
                         "use --reconstruct ls or obs with --streaming")
@@ -111,7 +100,7 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
     from depgraph_llm import pipeline as job
 
     estimator = get_estimator(options.importance)
-    _refuse_unsupported(options, estimator)
+    _refuse_unsupported(options)
     with timer("load"):
         reader_dtype = ShardReader(model_path).dtype()
         source = StreamingSource(model_path, compute_dtype(options.dtype, reader_dtype),
@@ -125,7 +114,8 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
         raise UserError("no evaluation text is installed and the streaming path cannot generate one; pass "
                         "--eval-text FILE or --no-eval")
     cal_text = cal_source.text()
-    needs_calibration = (estimator.needs_calibration or options.schedule == "depth" or options.reconstruct != "none"
+    needs_calibration = (estimator.needs_calibration or estimator.needs_gradients or options.schedule == "depth"
+                         or options.reconstruct != "none"
                          or options.layers_removed is not None)
     with timer("calibration"):
         calibration = job.calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []

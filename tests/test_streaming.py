@@ -41,6 +41,8 @@ def _assert_same_checkpoint(a, b):
 
 
 CASES = {
+    "default-recipe": dict(),  # taylor (gradients layer by layer when streamed) + obs reconstruction
+    "fisher-ls-local": dict(importance="fisher", reconstruct="ls", reconstruct_mode="local"),
     "l2-uniform": dict(importance="l2", reconstruct="none"),
     "wanda-sp-obs-reconstruction": dict(importance="wanda-sp", reconstruct="obs"),
     "flap-log-increase-ls-local": dict(importance="flap", schedule="log-increase", reconstruct="ls",
@@ -99,10 +101,50 @@ def test_interrupted_streaming_run_leaves_nothing(checkpoint, tmp_path, monkeypa
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_streaming_refuses_gradient_estimators_in_one_line(checkpoint, tmp_path):
+def test_streaming_refuses_bias_reconstruction_in_one_line(checkpoint, tmp_path):
     from depgraph_llm.errors import UserError
 
-    with pytest.raises(UserError, match="needs gradients of the whole model"):
-        run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "x", streaming=True, importance="taylor",
+    with pytest.raises(UserError, match="--reconstruct ls or obs with --streaming"):
+        run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "x", streaming=True, reconstruct="bias",
                                **SMALL))
     assert not (tmp_path / "x").exists()
+
+
+PEAK_PROBE = """
+import sys
+from pathlib import Path
+from depgraph_llm.pipeline import PruneOptions, run_prune
+from depgraph_llm.stage_memory import peak_rss, reset_peak
+import torch, transformers  # imported before the baseline
+reset_peak()
+start = peak_rss()
+run_prune(PruneOptions(model=sys.argv[1], out=Path(sys.argv[2]), streaming=sys.argv[3] == "stream", ratio=0.25,
+                       importance="wanda-sp", reconstruct="ls", calibration_samples=2, seq_len=32, round_to=8,
+                       evaluate=False, show_progress=False))
+print(peak_rss() - start)
+"""
+
+
+@pytest.mark.slow
+def test_streaming_peak_memory_is_flat_in_depth(tmp_path):
+    """Each layer holds 3 x 256 x 4096 MLP weights (12.6 MB in fp32) and a 4096^2 float64 Gram for its down_proj
+    (134 MB): the in-memory path's peak grows by the weights of every extra layer, the streaming path's does not."""
+    import os
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    per_layer_weights = (3 * 256 * 4096 + 4 * 256 * 256) * 4
+
+    def peak(layers: int, path: str) -> int:
+        checkpoint = tmp_path / f"ck{layers}"
+        if not checkpoint.exists():
+            save_tiny_checkpoint(checkpoint, tie=True, num_hidden_layers=layers, hidden_size=256,
+                                 intermediate_size=4096, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+        result = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(checkpoint), str(tmp_path / f"o{layers}{path}"),
+                                 path], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return int(result.stdout.strip().splitlines()[-1])
+
+    streamed = {layers: peak(layers, "stream") for layers in (4, 8, 16)}
+    memory = {layers: peak(layers, "memory") for layers in (4, 16)}
+    assert memory[16] - memory[4] > 8 * per_layer_weights, memory  # the probe sees the weights of 12 more layers
+    assert max(streamed.values()) - min(streamed.values()) < 2 * per_layer_weights, streamed

@@ -8,6 +8,8 @@ Hugging Face does (model-00001-of-00003.safetensors + model.safetensors.index.js
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +19,8 @@ from safetensors.torch import save_file
 from depgraph_llm.errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
 SINGLE_NAME = "model.safetensors"
 
 
@@ -35,13 +39,12 @@ class ShardReader:
             raise UserError(f"{self.folder} has no {SINGLE_NAME} or {INDEX_NAME}; streaming reads safetensors "
                             "checkpoints")
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
 
     @classmethod
     def of_writer(cls, writer: "ShardWriter") -> "ShardReader":
         """A reader of the shards a writer has flushed so far (before they get their final names)."""
         reader = cls.__new__(cls)
-        reader.folder, reader._handles = writer.folder, {}
+        reader.folder = writer.folder
         reader.weight_map = {name: file for file, names, _ in writer._files for name in names}
         return reader
 
@@ -52,18 +55,30 @@ class ShardReader:
         """One tensor, in its stored dtype."""
         if name not in self.weight_map:
             raise UserError(f"{self.folder} has no tensor {name!r}; the checkpoint does not match its config.json")
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.folder / file, framework="pt")
-        return self._handles[file].get_tensor(name)
+        # opened per read: a handle kept open keeps every page it has read mapped, which counts as resident memory
+        with safe_open(self.folder / self.weight_map[name], framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point tensors (the first one found)."""
-        for name in self.weight_map:
-            tensor = self.get(name)
-            if tensor.is_floating_point():
-                return tensor.dtype
+        for name, file in self.weight_map.items():
+            with safe_open(self.folder / file, framework="pt") as handle:
+                dtype = _DTYPES.get(handle.get_slice(name).get_dtype())
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
         return torch.float32
+
+    def numel(self) -> int:
+        """Elements stored over all tensors (read from the headers only)."""
+        total = 0
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(self.folder / file, framework="pt") as handle:
+                for name in names:
+                    total += math.prod(handle.get_slice(name).get_shape())
+        return total
 
 
 class ShardWriter:
@@ -88,6 +103,9 @@ class ShardWriter:
             return
         name = f".shard-{len(self._files):05d}.safetensors"
         save_file(self._pending, str(self.folder / name), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.folder / name, 0o666 & ~umask)  # as save_pretrained's files (safetensors writes 0600)
         self._files.append((name, list(self._pending), self._pending_bytes))
         self._pending, self._pending_bytes = {}, 0
 

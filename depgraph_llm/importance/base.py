@@ -156,11 +156,13 @@ def score_groups_streaming(source, groups: list[Group], estimator: Estimator, ba
     """`score_groups` for a model whose decoder layers are visited one at a time (a layer-pipeline source)."""
     from depgraph_llm.layers import LayerPipeline
 
-    if estimator.needs_gradients or type(estimator).unit_scores is not Estimator.unit_scores:
-        raise UserError(f"importance {estimator.name!r} needs gradients of the whole model, which the streaming "
-                        "path does not compute yet; use wanda-sp, flap, obs, l1 or l2 with --streaming")
-    if estimator.needs_calibration and not batches:
+    needs_data = estimator.needs_gradients or estimator.needs_calibration
+    if needs_data and not batches:
         raise UserError(f"importance {estimator.name!r} needs calibration text; pass --calibration FILE")
+    if estimator.needs_gradients or type(estimator).unit_scores is not Estimator.unit_scores:
+        from .gradients import layerwise_gradient_scores
+
+        return layerwise_gradient_scores(source, groups, estimator, batches)
     statistics = estimator.statistics() if estimator.needs_calibration else None
     scores = ElementScores(source.model, groups, estimator, statistics)
     callbacks = [statistics, scores] if statistics is not None else [scores]

@@ -1,0 +1,37 @@
+"""Peak resident memory per stage of a job: the kernel's high-water mark (VmHWM), reset when a stage starts
+(Linux /proc/self/clear_refs), so each stage's peak is its own; elsewhere the process-wide ru_maxrss."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+_STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """Start a new high-water mark at the current RSS; False where the kernel does not allow it."""
+    try:
+        _CLEAR.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """The high-water mark since the last reset (or since the process started)."""
+    return _status_bytes("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def process_peak_rss() -> int:
+    """The whole process's peak RSS (never reset)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

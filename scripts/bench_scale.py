@@ -1,0 +1,69 @@
+"""Scale benchmark: prune a shaped checkpoint (scripts/make_shaped_checkpoint.py) through the streaming path
+(or the in-memory one) in a child process; record wall time, the child's peak RSS, the per-stage peaks from
+prune_report.json and the output checkpoint's size.
+
+    python scripts/bench_scale.py MODEL_DIR OUT_DIR [--in-memory] [-- extra prune.py arguments]
+
+Appends one row to docs/results/bench-scale/results.json (or --results)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results" / "bench-scale" / "results.json"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run(model: Path, out: Path, in_memory: bool, extra: list[str], timeout: int) -> dict:
+    """One prune in a child process, measured from outside."""
+    command = [sys.executable, str(ROOT / "prune.py"), "--model", str(model), "--out", str(out), *extra]
+    if not in_memory:
+        command.append("--streaming")
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    row = {"model": str(model), "path": "in-memory" if in_memory else "streaming", "command": " ".join(command[1:]),
+           "returncode": result.returncode, "wall_s": round(wall, 1),
+           "child_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+           "source_bytes": folder_bytes(model), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+    if result.returncode != 0:
+        row["error"] = (result.stderr.strip().splitlines() or [""])[-1][:300]
+        return row
+    report = json.loads((out / "prune_report.json").read_text())
+    row.update(checkpoint_bytes=folder_bytes(out), shards=len(list(out.glob("*.safetensors"))),
+               ratio_achieved=report["ratio_achieved"], params_before=report["params_before"],
+               params_after=report["params_after"], peak_rss_by_stage_bytes=report.get("peak_rss_by_stage_bytes"),
+               timings_s=report.get("timings_s"), streaming=report.get("streaming"))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--in-memory", action="store_true", help="the in-memory path instead of --streaming")
+    parser.add_argument("--timeout", type=int, default=6 * 3600)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    row = run(args.model, args.out, args.in_memory, extra, args.timeout)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(args.results.read_text()) if args.results.is_file() else []
+    rows.append(row)
+    args.results.write_text(json.dumps(rows, indent=1) + "\n")
+    print(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
