@@ -128,6 +128,15 @@ def test_pre_tokenizer_follows_how_digits_are_split(rebuilt_gguf):
     assert _fields(rebuilt_gguf[1])["tokenizer.ggml.pre"] == "gpt-2"
 
 
+def test_check_text_is_the_converters():
+    """The hash table only means something for the converter's exact check text (sha256 taken from b11393)."""
+    from hashlib import sha256
+
+    from depgraph_llm.checkpoint.gguf_pretokenizer import CHECK_TEXT
+
+    assert sha256(CHECK_TEXT.encode()).hexdigest() == "a36179c1e2b1cfcfbfad1dc779addad2ffc778201e4cf0d538bddeafa2c526da"
+
+
 def test_sentencepiece_vocabulary_exports_as_llama_tokenizer(spm_gguf):
     """Byte-fallback BPE: llama.cpp's "llama" model, every <0x..> a byte token, scores that order the merges."""
     import sentencepiece as spm

@@ -7,7 +7,6 @@ scaling from `gguf_rope`.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

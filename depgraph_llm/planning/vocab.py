@@ -4,8 +4,8 @@ embedding / LM-head rows together ("Pruning LLMs to any config": vocabulary as a
 
 Kept always: special tokens, the single-character base alphabet and, for byte-fallback (SentencePiece-style)
 BPE, the 256 byte tokens `<0x00>`..`<0xFF>` that spell any character outside the vocabulary (so every string
-still tokenizes), and, for BPE, both parts of every kept token's merge (a token that cannot be built can never be produced). Free
-slots after the corpus tokens go to the lowest ids, which BPE assigns to the earliest (most frequent) merges.
+still tokenizes), and, for BPE, both parts of every kept token's merge (a token that cannot be built can never
+be produced). Free slots after the corpus tokens go to the lowest ids, which BPE assigns to the earliest (most frequent) merges.
 Only fast BPE tokenizers (tokenizer.json with a BPE model) are supported.
 """
 from __future__ import annotations
