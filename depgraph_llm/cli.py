@@ -62,6 +62,8 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="what streamed layers compute in: auto (the checkpoint's "
                         "own), float32, bfloat16 or float16; statistics and solves stay float64, the output keeps "
                         "the source dtype")
+    parser.add_argument("--device", help="streamed decoder layers visit this device in turn for every stage (e.g. "
+                        "cuda); implies --streaming")
     add_recover_args(parser)
 
 
@@ -121,7 +123,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         vocab_keep=args.vocab_keep, experts_keep=args.experts_keep, expert_ratio=args.expert_ratio,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code, streaming=args.streaming, dtype=args.dtype)
+        trust_remote_code=args.trust_remote_code, streaming=args.streaming, dtype=args.dtype,
+        device=args.device)
     if args.recover and not args.dry_run:
         from depgraph_llm.recover_cli import cmd_prune_and_recover
 

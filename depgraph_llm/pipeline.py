@@ -114,6 +114,7 @@ class PruneOptions:
     show_progress: bool = True
     streaming: bool = False  # one decoder layer in memory at a time (also chosen when the model would not fit)
     dtype: str = "auto"  # what the streamed layers compute in ("auto": the checkpoint's own)
+    device: str | None = None  # streamed layers visit this device in turn (e.g. "cuda"); the rest stays on the CPU
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -147,6 +148,13 @@ class PruneOptions:
         if self.depth_metric not in DEPTH_METRICS:
             raise UserError(f"--depth-metric {self.depth_metric!r} is not available; choose one of: "
                             f"{', '.join(DEPTH_METRICS)}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                raise UserError(f"--device {self.device!r} is not a device; pass cpu or cuda (cuda:N)") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UserError(f"--device {self.device}: no CUDA GPU is visible; leave --device out to run on the CPU")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"--dtype {self.dtype!r} is not available; choose one of: auto, float32, bfloat16, float16")
         if self.out is not None:
@@ -244,7 +252,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     model_path = resolve_model_path(options.model)
     out = Path(options.out) if options.out else default_out_dir(model_path, options.ratio)
     check_output_dir(out, options.overwrite, sources=(options.model, model_path))
-    if options.streaming or would_not_fit(model_path):
+    if options.streaming or options.device is not None or would_not_fit(model_path):
         if not options.streaming:
             log.warning("%s would not fit in memory in float32: pruning it one decoder layer at a time (streaming)",
                         model_path)

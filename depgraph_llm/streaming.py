@@ -19,6 +19,8 @@ from depgraph_llm.errors import UserError
 from depgraph_llm.evaluation.perplexity import PerplexityResult
 from depgraph_llm.importance import get_estimator
 from depgraph_llm.layers import LayerCallback, LayerPipeline
+from depgraph_llm.memory_plan import predict_peak
+from depgraph_llm.streaming_limits import MAX_SHARD_BYTES
 from depgraph_llm.layers.streaming import DTYPES, ShardSink, StreamingSource, streamed_adopt
 from depgraph_llm.models import spec_for
 from depgraph_llm.recovery.reconstruct import prepare_reconstruction
@@ -26,7 +28,6 @@ from depgraph_llm.removal.apply import finish_plan
 from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
 
 log = logging.getLogger(__name__)
-MAX_SHARD_BYTES = 1 << 30  # shards stay small: a pending shard is held in memory until it is written
 
 
 def compute_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
@@ -103,7 +104,8 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
     _refuse_unsupported(options)
     with timer("load"):
         reader_dtype = ShardReader(model_path).dtype()
-        source = StreamingSource(model_path, compute_dtype(options.dtype, reader_dtype),
+        device = torch.device(options.device) if options.device else None
+        source = StreamingSource(model_path, compute_dtype(options.dtype, reader_dtype), device,
                                  trust_remote_code=options.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
         source_hash = weights_hash(model_path)
@@ -134,7 +136,9 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
     if options.dry_run:
         report = job.plan_report(model_path, source_hash, coupling, plan, timer)
         report.update(dry_run=True, streaming=True,
-                      estimated_checkpoint_bytes=plan.params_after * torch.empty(0, dtype=reader_dtype).element_size())
+                      estimated_checkpoint_bytes=plan.params_after * torch.empty(0, dtype=reader_dtype).element_size(),
+                      memory=predict_peak(model.config, options, torch.empty(0, dtype=reader_dtype).element_size(),
+                                          plan.params_before).to_dict())
         return job.PruneResult(out=out, report=report, plan=plan, timings=timer.times)
     out_dtype = reader_dtype
     check_free_space(out, plan.params_after * torch.empty(0, dtype=out_dtype).element_size())
@@ -145,7 +149,7 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
         ppl_after = None
         if options.evaluate:
             with timer("perplexity_after"):
-                ppl_after = streamed_perplexity(StreamingSource(tmp, source.dtype), tokenizer, eval_text,
+                ppl_after = streamed_perplexity(StreamingSource(tmp, source.dtype, source.device), tokenizer, eval_text,
                                                 options.eval_seq_len, options.eval_tokens,
                                                 progress("perplexity (layer by layer)", options.show_progress))
         report = job.plan_report(model_path, source_hash, coupling, plan, timer)

@@ -148,3 +148,31 @@ def test_streaming_peak_memory_is_flat_in_depth(tmp_path):
     memory = {layers: peak(layers, "memory") for layers in (4, 16)}
     assert memory[16] - memory[4] > 8 * per_layer_weights, memory  # the probe sees the weights of 12 more layers
     assert max(streamed.values()) - min(streamed.values()) < 2 * per_layer_weights, streamed
+
+
+def test_streaming_dry_run_predicts_memory_and_writes_nothing(checkpoint, tmp_path):
+    from depgraph_llm.memory_plan import layer_params
+
+    result = run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "x", streaming=True, dry_run=True,
+                                    importance="wanda-sp", reconstruct="ls", **SMALL))
+    memory = result.report["memory"]
+    assert memory["path"] == "streaming" and memory["predicted_peak_rss_bytes"] == sum(memory["terms_bytes"].values())
+    config = AutoModelForCausalLM.from_pretrained(checkpoint).config
+    # one layer of the tiny model, by hand: q, k, v, o (4 heads / 2 KV of 12 on 48) + gate, up, down + 2 norms
+    assert layer_params(config) == 48 * 12 * (4 + 4 + 2 + 2) + 3 * 48 * 64 + 2 * 48
+    assert memory["terms_bytes"]["one_layer_loaded_and_sliced"] == 2 * layer_params(config) * 4
+    assert not (tmp_path / "x").exists()
+
+
+def test_device_option_runs_each_layer_there(checkpoint, tmp_path):
+    """--device cpu takes the streaming path with layers moved to the device in turn (same bytes as without)."""
+    from depgraph_llm.errors import UserError
+
+    options = dict(importance="wanda-sp", reconstruct="ls", evaluate=False, **SMALL)
+    run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "device", device="cpu", **options))
+    run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "memory", **options))
+    _assert_same_checkpoint(tmp_path / "device", tmp_path / "memory")
+    assert json.loads((tmp_path / "device" / "prune_report.json").read_text())["streaming"]
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU is visible"):
+            PruneOptions(model=str(checkpoint), device="cuda").validate()

@@ -130,7 +130,8 @@ class ElementScores(LayerCallback):
     def _score(self, name: str, param: torch.Tensor) -> None:
         extra = self.estimator.extra_from(self.statistics) if self.statistics is not None else {}
         element = self.estimator.element_scores(param.detach().float(), None, extra.get(name))
-        self.units[name] = [(group_name, s.unit_scores(element).double()) for group_name, s in self.by_param[name]]
+        self.units[name] = [(group_name, s.unit_scores(element).double().cpu())
+                            for group_name, s in self.by_param[name]]
 
     def after_layer(self, step) -> None:
         for local, param in step.layer.named_parameters():

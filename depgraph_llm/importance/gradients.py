@@ -52,7 +52,7 @@ class _Contributions:
     def add_element_scores(self, name: str, param: torch.Tensor) -> None:
         grad = None if param.grad is None else param.grad.detach().float()
         element = self.estimator.element_scores(param.detach().float(), grad, None)
-        self.units[name] = [(g, s.unit_scores(element).double()) for g, s in self.by_param[name]]
+        self.units[name] = [(g, s.unit_scores(element).double().cpu()) for g, s in self.by_param[name]]
 
     def totals(self) -> dict[str, torch.Tensor]:
         totals: dict[str, torch.Tensor] = {}
@@ -70,7 +70,7 @@ def _mask_gradients(by_param, named: list[tuple[str, torch.Tensor]], into: dict[
                 continue
             product = (param.detach() * param.grad).double()
             for group_name, s in by_param[name]:
-                unit = s.unit_scores(product)
+                unit = s.unit_scores(product).cpu()
                 into[group_name] = unit if group_name not in into else into[group_name] + unit
 
 

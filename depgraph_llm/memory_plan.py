@@ -1,0 +1,84 @@
+"""Predicted peak host memory of a prune run, from the config and the options alone (`--dry-run`).
+
+The terms are the largest live objects of each path (bytes): the streaming path holds the model outside its
+layers, one decoder layer (twice while it is sliced), the float64 Grams and solves of one layer's consumers,
+the calibration stream, a forward's widest activation and, for gradient estimators, every layer's stored input
+plus a float32 gradient of the embeddings; the in-memory path holds the whole float32 model (twice for
+gradient estimators). A fixed runtime term covers Python, torch and transformers themselves."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from depgraph_llm.streaming_limits import MAX_SHARD_BYTES
+
+RUNTIME_BYTES = 700 << 20  # interpreter, torch, transformers, tokenizer (measured on the tiny models: ~0.6 GB)
+
+
+@dataclass
+class MemoryPrediction:
+    """A predicted peak and the terms it adds up."""
+
+    path: str
+    terms: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.terms.values())
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "predicted_peak_rss_bytes": self.peak_bytes, "terms_bytes": dict(self.terms)}
+
+
+def _widths(config) -> tuple[int, int, int, int, int]:
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return hidden, intermediate, layers, heads, kv
+
+
+def layer_params(config) -> int:
+    """Parameters of one decoder layer (attention, gated MLP, two norms), from the config."""
+    hidden, intermediate, _, heads, kv = _widths(config)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv)
+    return attention + 3 * hidden * intermediate + 2 * hidden
+
+
+def predict_peak(config, options, source_bytes_per_element: int, total_params: int) -> MemoryPrediction:
+    """The predicted peak RSS of `options` (PruneOptions) on a model with `config`."""
+    from depgraph_llm.importance import get_estimator
+
+    hidden, intermediate, layers, _, _ = _widths(config)
+    vocab = config.vocab_size
+    estimator = get_estimator(options.importance)
+    tokens = options.calibration_samples * options.seq_len
+    eval_tokens = options.eval_tokens if options.evaluate else 0
+    compute = 4 if options.dtype == "float32" or (options.dtype == "auto" and source_bytes_per_element == 4) else (
+        2 if options.dtype != "auto" else source_bytes_per_element)
+    per_layer = layer_params(config)
+    outside = total_params - layers * per_layer
+    if not options.streaming:
+        terms = {"runtime": RUNTIME_BYTES, "model_fp32": total_params * 4}
+        if estimator.needs_gradients:
+            terms["gradients_fp32"] = total_params * 4
+        terms["logits_fp32"] = max(tokens, 1) // options.calibration_samples * vocab * 4 * 2
+        return MemoryPrediction("in-memory", terms)
+    terms = {"runtime": RUNTIME_BYTES, "outside_layers": outside * compute,
+             "one_layer_loaded_and_sliced": 2 * per_layer * compute,
+             "calibration_stream": 3 * tokens * hidden * compute,
+             "widest_activation": 3 * options.seq_len * intermediate * compute,
+             "logits_one_window_fp32": 2 * options.seq_len * vocab * 4}
+    terms["pending_output_shard"] = min(MAX_SHARD_BYTES, (total_params - 0) * source_bytes_per_element)
+    if options.reconstruct != "none":  # down_proj: its Gram, the kept block twice (factorisation), weight and cross
+        kept = int(intermediate * (1 - options.ratio))
+        terms["grams_and_solve_fp64"] = (intermediate ** 2 + 2 * kept ** 2 + 2 * intermediate * hidden + hidden ** 2) * 8
+    if estimator.name == "obs":
+        terms["hessians_fp64"] = (intermediate ** 2 + 2 * hidden ** 2) * 8
+    if estimator.needs_gradients or estimator.name == "fisher":
+        terms["stored_layer_inputs"] = layers * tokens * hidden * compute
+        terms["embedding_gradient_fp32"] = vocab * hidden * 4 + per_layer * 4
+    if eval_tokens:
+        terms["evaluation_stream"] = 3 * eval_tokens * hidden * compute
+    return MemoryPrediction("streaming", terms)
