@@ -76,14 +76,16 @@ def write_table(out: Path) -> None:
     header = ["ratio", "row", "steps", "tokens seen", *[f"ppl {r}" for r in registers], "x dense (licences)",
               "train s", "peak RSS GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for rec in records:
+    order = {"dense": 0, "none": 1}
+    for rec in sorted(records, key=lambda r: (r["ratio"], order.get(r["row"], 2), r["row"], r.get("steps", 0))):
         ppl = rec["perplexity"]
         ratio_dense = (dense_any or {}).get("perplexity", {}).get("licences")
         lines.append("| " + " | ".join([
             str(rec["ratio"]), rec["row"], str(rec.get("steps", 0)), f"{rec.get('tokens', 0):,}",
             *[f"{ppl[r]:.2f}" if r in ppl else "-" for r in registers],
             f"{ppl['licences'] / ratio_dense:.2f}" if ratio_dense and "licences" in ppl else "-",
-            f"{rec.get('train_s', 0):.0f}", f"{rec.get('peak_rss_bytes', 0) / 2**30:.2f}"]) + " |")
+            f"{rec['train_s']:.0f}" if "train_s" in rec else "-",
+            f"{rec['peak_rss_bytes'] / 2**30:.2f}" if "peak_rss_bytes" in rec else "-"]) + " |")
     settings = records[-1].get("settings", {}) if records else {}
     (out / "results.md").write_text("\n".join(lines) + "\n\nSettings: " + json.dumps(settings) + "\n")
 
