@@ -64,6 +64,8 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "the source dtype")
     parser.add_argument("--device", help="streamed decoder layers visit this device in turn for every stage (e.g. "
                         "cuda); implies --streaming")
+    parser.add_argument("--activation-budget-mb", type=int, help="streaming: calibration activations beyond this "
+                        "many MB are kept on disk (default: all in memory)")
     add_recover_args(parser)
 
 
@@ -124,7 +126,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, streaming=args.streaming, dtype=args.dtype,
-        device=args.device)
+        device=args.device, activation_budget_mb=args.activation_budget_mb)
     if args.recover and not args.dry_run:
         from depgraph_llm.recover_cli import cmd_prune_and_recover
 

@@ -115,6 +115,7 @@ class PruneOptions:
     streaming: bool = False  # one decoder layer in memory at a time (also chosen when the model would not fit)
     dtype: str = "auto"  # what the streamed layers compute in ("auto": the checkpoint's own)
     device: str | None = None  # streamed layers visit this device in turn (e.g. "cuda"); the rest stays on the CPU
+    activation_budget_mb: int | None = None  # streamed calibration activations beyond this go to disk
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:

@@ -105,8 +105,9 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
     with timer("load"):
         reader_dtype = ShardReader(model_path).dtype()
         device = torch.device(options.device) if options.device else None
+        budget = None if options.activation_budget_mb is None else options.activation_budget_mb << 20
         source = StreamingSource(model_path, compute_dtype(options.dtype, reader_dtype), device,
-                                 trust_remote_code=options.trust_remote_code)
+                                 trust_remote_code=options.trust_remote_code, activation_budget=budget)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
         source_hash = weights_hash(model_path)
     model = source.model
@@ -155,7 +156,8 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
         report = job.plan_report(model_path, source_hash, coupling, plan, timer)
         report["streaming"] = {"compute_dtype": str(source.dtype).removeprefix("torch."),
                                "output_dtype": str(out_dtype).removeprefix("torch."),
-                               "shards": len(list(tmp.glob("*.safetensors")))}
+                               "shards": len(list(tmp.glob("*.safetensors"))),
+                               "spilled_streams": source.activations.spilled}
         report["calibration"] = {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len,
                                  "source": cal_source.record(options.seq_len, len(calibration), options.seed)}
         report["perplexity"] = {"protocol": "evaluation/perplexity.py (computed layer by layer)", "files": eval_files,

@@ -42,6 +42,8 @@ def _assert_same_checkpoint(a, b):
 
 CASES = {
     "default-recipe": dict(),  # taylor (gradients layer by layer when streamed) + obs reconstruction
+    "spilled-activations": dict(importance="wanda-sp", reconstruct="obs", activation_budget_mb=0),
+    "spilled-gradients": dict(importance="taylor", reconstruct="ls", activation_budget_mb=0),
     "fisher-ls-local": dict(importance="fisher", reconstruct="ls", reconstruct_mode="local"),
     "l2-uniform": dict(importance="l2", reconstruct="none"),
     "wanda-sp-obs-reconstruction": dict(importance="wanda-sp", reconstruct="obs"),
@@ -63,6 +65,7 @@ def test_streamed_prune_equals_in_memory_prune(name, checkpoint, tmp_path):
     assert memory.report["perplexity"]["before"] == streamed.report["perplexity"]["before"]
     assert memory.report["perplexity"]["after"] == streamed.report["perplexity"]["after"]
     assert streamed.report["streaming"]["output_dtype"] == "float32"
+    assert (streamed.report["streaming"]["spilled_streams"] > 0) == ("activation_budget_mb" in CASES[name])
 
 
 def test_sharded_output_loads_with_plain_from_pretrained(checkpoint, tmp_path):

@@ -99,7 +99,8 @@ def layerwise_gradient_scores(source, groups: list[Group], estimator: Estimator,
     for index in range(count):
         layer = source.load(index) if index else layer
         stored.append(stream)
-        stream = run_layer(layer, stream, inputs.arguments[index], source.device)
+        stream = run_layer(layer, stream, inputs.arguments[index], source.device,
+                           store=getattr(source, "activations", None))  # stored inputs may live on disk
         source.release(index, layer)
     # the tail: loss gradient at the last layer's output (and the head's own gradients)
     grads = []

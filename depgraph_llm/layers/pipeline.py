@@ -26,15 +26,20 @@ def _to(obj, device: torch.device | None):
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, states: list[torch.Tensor], arguments: list[tuple[tuple, dict]],
-              device: torch.device | None = None, keep_output: bool = True) -> list[torch.Tensor]:
-    """One layer on every batch of a stream; returns the output stream (on the stream's device)."""
-    outputs = []
+              device: torch.device | None = None, keep_output: bool = True, store=None) -> list[torch.Tensor]:
+    """One layer on every batch of a stream; returns the output stream (on the stream's device; in the files of a
+    SpilledList when `store`, an ActivationStore, says the stream exceeds its budget)."""
+    outputs = store.new(len(states), _nbytes(states[0])) if store is not None and len(states) else []
     for hidden, (args, kwargs) in zip(states, arguments):
         out = layer(_to(hidden, device), *_to(args, device), **_to(kwargs, device))
         out = out[0] if isinstance(out, tuple) else out
         if keep_output:
             outputs.append(out.to(hidden.device))
     return outputs
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 @dataclass
@@ -50,10 +55,11 @@ class LayerStep:
     outputs: list[torch.Tensor] | None = None      # the layer's outputs on `stream` (None: not run)
     next_stream: list[torch.Tensor] | None = None  # what enters the next layer; defaults to `outputs`
     skip_run: bool = False                  # set in before_layer: do not run the layer (it is removed)
+    store: object = None                    # ActivationStore: where output streams go (memory or disk)
 
     def rerun(self) -> list[torch.Tensor]:
         """The layer's outputs on the entering stream, with its current weights."""
-        return run_layer(self.layer, self.stream, self.arguments, self.device)
+        return run_layer(self.layer, self.stream, self.arguments, self.device, store=self.store)
 
 
 class LayerCallback:
@@ -121,9 +127,10 @@ class LayerPipeline:
                 as_tuple = self._returns_tuple(layer, batches[0])
                 self._phase("capture")
                 inputs = capture_inputs(model, source.layers_path, count, batches, as_tuple)
+                inputs.hidden = self._stored(inputs.hidden)
                 self._phase("layers")
             step = LayerStep(index, f"{source.layers_path}.{index}", layer, inputs.hidden,
-                             inputs.arguments[index], source.device)
+                             inputs.arguments[index], source.device, store=getattr(source, "activations", None))
             self._visit(step, bool(batches))
             self.sink.write(index, step.name, layer)
             source.release(index, layer)
@@ -135,6 +142,18 @@ class LayerPipeline:
         for callback in self.callbacks:
             callback.finish()
         self.sink.finish()
+
+    def _stored(self, stream: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The captured stream, moved to disk when the source's activation store says it exceeds its budget."""
+        store = getattr(self.source, "activations", None)
+        if store is None or not stream:
+            return stream
+        kept = store.new(len(stream), _nbytes(stream[0]))
+        if isinstance(kept, list):
+            return stream
+        for tensor in stream:
+            kept.append(tensor)
+        return kept
 
     def _phase(self, name: str) -> None:
         for callback in self.callbacks:

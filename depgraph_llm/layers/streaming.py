@@ -18,6 +18,7 @@ from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.removal.apply import slice_layer
 
 from .pipeline import LayerSink
+from .spill import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,10 @@ class StreamingSource:
     (embeddings, final norm, head) is loaded once."""
 
     def __init__(self, folder: Path, dtype: torch.dtype | None = None, device: torch.device | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, activation_budget: int | None = None,
+                 spill_dir: Path | None = None) -> None:
         self.folder = Path(folder)
+        self.activations = ActivationStore(activation_budget, spill_dir)  # streams beyond the budget go to disk
         self.reader = ShardReader(self.folder)
         self.source_dtype = self.reader.dtype()
         self.dtype = dtype or self.source_dtype
