@@ -308,7 +308,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
         report["perplexity"]["note"] = ("after: per token of the pruned tokenizer, which may split the evaluation "
                                         "text into more tokens than the source tokenizer; not strictly comparable")
     with timer("save"):
-        save_checkpoint(model, tokenizer, out, plan, report, options.overwrite)
+        save_checkpoint(model, tokenizer, out, plan, report, options.overwrite, source_dtype(model_path))
     report["timings_s"] = timer.times
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
 
@@ -524,7 +524,7 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     report = plan_report(model_path, source_hash, coupling, plan, timer)
     report["replayed_from"] = str(plan_path)
     with timer("save"):
-        save_checkpoint(loaded, tokenizer, out, plan, report, overwrite)
+        save_checkpoint(loaded, tokenizer, out, plan, report, overwrite, source_dtype(model_path))
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
 
 
@@ -549,8 +549,22 @@ def pruned_tokenizer(tokenizer, plan: PrunePlan):
         return AutoTokenizer.from_pretrained(folder)
 
 
-def save_checkpoint(model, tokenizer, out: Path, plan: PrunePlan, report: dict, overwrite: bool) -> None:
-    """Write model (safetensors), config, tokenizer, prune_plan.json and prune_report.json atomically."""
+def source_dtype(model_path: Path) -> torch.dtype:
+    """The dtype a checkpoint stores its floating-point weights in (the output keeps it)."""
+    from depgraph_llm.checkpoint.shards import ShardReader
+
+    try:
+        return ShardReader(model_path).dtype()
+    except UserError:
+        return torch.float32
+
+
+def save_checkpoint(model, tokenizer, out: Path, plan: PrunePlan, report: dict, overwrite: bool,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write model (safetensors), config, tokenizer, prune_plan.json and prune_report.json atomically; with
+    `dtype` (the source checkpoint's), the weights are stored in it rather than in the float32 they were pruned in."""
+    if dtype is not None and dtype != torch.float32:
+        model.to(dtype)
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if is_heterogeneous(model.config):
