@@ -141,6 +141,7 @@ def main() -> None:
         results["estimators"][name] = {
             "found_redundant": round(sum(found(r, pairs) for r in removed.values()) / len(removed), 3),
             "perplexity": ppl(model), "removed_layer0": removed[groups[0].name]}
+        write(results, args.out)  # partial results survive an interrupted run
     randoms = []
     for seed in range(args.random_seeds):
         model = copy.deepcopy(moe)
@@ -153,11 +154,14 @@ def main() -> None:
                         "perplexity": ppl(model)})
     results["estimators"]["random"] = {"runs": randoms}
     results["seconds"] = round(time.time() - start, 1)
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(json.dumps(results, indent=1))
+    write(results, args.out)
+
+
+def write(results: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
