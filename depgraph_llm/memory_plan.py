@@ -16,17 +16,19 @@ RUNTIME_BYTES = 700 << 20  # interpreter, torch, transformers, tokenizer (measur
 
 @dataclass
 class MemoryPrediction:
-    """A predicted peak and the terms it adds up."""
+    """A predicted peak: terms every stage holds plus the largest stage's own terms."""
 
     path: str
-    terms: dict[str, int] = field(default_factory=dict)
+    terms: dict[str, int] = field(default_factory=dict)  # held throughout
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> its own terms
 
     @property
     def peak_bytes(self) -> int:
-        return sum(self.terms.values())
+        return sum(self.terms.values()) + max((sum(t.values()) for t in self.stages.values()), default=0)
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "predicted_peak_rss_bytes": self.peak_bytes, "terms_bytes": dict(self.terms)}
+        return {"path": self.path, "predicted_peak_rss_bytes": self.peak_bytes, "terms_bytes": dict(self.terms),
+                "stage_terms_bytes": {k: dict(v) for k, v in self.stages.items()}}
 
 
 def _widths(config) -> tuple[int, int, int, int, int]:
@@ -65,20 +67,24 @@ def predict_peak(config, options, source_bytes_per_element: int, total_params: i
             terms["gradients_fp32"] = total_params * 4
         terms["logits_fp32"] = max(tokens, 1) // options.calibration_samples * vocab * 4 * 2
         return MemoryPrediction("in-memory", terms)
-    terms = {"runtime": RUNTIME_BYTES, "outside_layers": outside * compute,
-             "one_layer_loaded_and_sliced": 2 * per_layer * compute,
+    terms = {"runtime": RUNTIME_BYTES, "outside_layers": outside * compute}
+    layer = {"one_layer_loaded_and_sliced": 2 * per_layer * compute,
              "calibration_stream": 3 * tokens * hidden * compute,
              "widest_activation": 3 * options.seq_len * intermediate * compute,
              "logits_one_window_fp32": 2 * options.seq_len * vocab * 4}
-    terms["pending_output_shard"] = min(MAX_SHARD_BYTES, (total_params - 0) * source_bytes_per_element)
+    # scoring the embedding / head matrix: its float32 copy, the element scores and a unit-sum temporary
+    scoring = {**layer, "largest_outside_scores_fp32": 3 * vocab * hidden * 4}
+    if estimator.name == "obs":
+        scoring["hessians_fp64"] = (intermediate ** 2 + 2 * hidden ** 2) * 8
+    if estimator.needs_gradients or estimator.name == "fisher":
+        scoring["stored_layer_inputs"] = layers * tokens * hidden * compute
+        scoring["embedding_gradient_fp32"] = vocab * hidden * 4 + per_layer * 4
+    writing = {**layer, "pending_output_shard": min(MAX_SHARD_BYTES, total_params * source_bytes_per_element)}
     if options.reconstruct != "none":  # down_proj: its Gram, the kept block twice (factorisation), weight and cross
         kept = int(intermediate * (1 - options.ratio))
-        terms["grams_and_solve_fp64"] = (intermediate ** 2 + 2 * kept ** 2 + 2 * intermediate * hidden + hidden ** 2) * 8
-    if estimator.name == "obs":
-        terms["hessians_fp64"] = (intermediate ** 2 + 2 * hidden ** 2) * 8
-    if estimator.needs_gradients or estimator.name == "fisher":
-        terms["stored_layer_inputs"] = layers * tokens * hidden * compute
-        terms["embedding_gradient_fp32"] = vocab * hidden * 4 + per_layer * 4
+        writing["grams_and_solve_fp64"] = (intermediate ** 2 + 2 * kept ** 2 + 2 * intermediate * hidden
+                                           + hidden ** 2) * 8
+    stages = {"importance": scoring, "reconstruct_and_write": writing}
     if eval_tokens:
-        terms["evaluation_stream"] = 3 * eval_tokens * hidden * compute
-    return MemoryPrediction("streaming", terms)
+        stages["perplexity"] = {**layer, "evaluation_stream": 3 * eval_tokens * hidden * compute}
+    return MemoryPrediction("streaming", terms, stages)

@@ -35,7 +35,9 @@ def run(model: Path, out: Path, in_memory: bool, extra: list[str], timeout: int)
     wall = time.perf_counter() - start
     row = {"model": str(model), "path": "in-memory" if in_memory else "streaming", "command": " ".join(command[1:]),
            "returncode": result.returncode, "wall_s": round(wall, 1),
-           "child_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+           # the child resets its high-water mark at every stage, so this is the peak after the last reset; the
+           # run's peak is the largest of peak_rss_by_stage_bytes (peak_rss_bytes below)
+           "child_maxrss_after_last_reset_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
            "source_bytes": folder_bytes(model), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     if result.returncode != 0:
         row["error"] = (result.stderr.strip().splitlines() or [""])[-1][:300]
@@ -44,6 +46,7 @@ def run(model: Path, out: Path, in_memory: bool, extra: list[str], timeout: int)
     row.update(checkpoint_bytes=folder_bytes(out), shards=len(list(out.glob("*.safetensors"))),
                ratio_achieved=report["ratio_achieved"], params_before=report["params_before"],
                params_after=report["params_after"], peak_rss_by_stage_bytes=report.get("peak_rss_by_stage_bytes"),
+               peak_rss_bytes=max((report.get("peak_rss_by_stage_bytes") or {"": 0}).values()),
                timings_s=report.get("timings_s"), streaming=report.get("streaming"))
     return row
 

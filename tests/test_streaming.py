@@ -160,11 +160,12 @@ def test_streaming_dry_run_predicts_memory_and_writes_nothing(checkpoint, tmp_pa
     result = run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "x", streaming=True, dry_run=True,
                                     importance="wanda-sp", reconstruct="ls", **SMALL))
     memory = result.report["memory"]
-    assert memory["path"] == "streaming" and memory["predicted_peak_rss_bytes"] == sum(memory["terms_bytes"].values())
+    assert memory["path"] == "streaming" and memory["predicted_peak_rss_bytes"] == sum(memory["terms_bytes"].values()) + max(
+        sum(terms.values()) for terms in memory["stage_terms_bytes"].values())
     config = AutoModelForCausalLM.from_pretrained(checkpoint).config
     # one layer of the tiny model, by hand: q, k, v, o (4 heads / 2 KV of 12 on 48) + gate, up, down + 2 norms
     assert layer_params(config) == 48 * 12 * (4 + 4 + 2 + 2) + 3 * 48 * 64 + 2 * 48
-    assert memory["terms_bytes"]["one_layer_loaded_and_sliced"] == 2 * layer_params(config) * 4
+    assert memory["stage_terms_bytes"]["importance"]["one_layer_loaded_and_sliced"] == 2 * layer_params(config) * 4
     assert not (tmp_path / "x").exists()
 
 
