@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from depgraph_llm.checkpoint.files import corrupt_weights_error
 from depgraph_llm.errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -33,8 +34,11 @@ class ShardReader:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.folder / SINGLE_NAME).is_file():
-            with safe_open(self.folder / SINGLE_NAME, framework="pt") as handle:
-                weight_map = {name: SINGLE_NAME for name in handle.keys()}
+            try:
+                with safe_open(self.folder / SINGLE_NAME, framework="pt") as handle:
+                    weight_map = {name: SINGLE_NAME for name in handle.keys()}
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for damaged files
+                raise corrupt_weights_error(self.folder, exc) from exc
         else:
             raise UserError(f"{self.folder} has no {SINGLE_NAME} or {INDEX_NAME}; streaming reads safetensors "
                             "checkpoints")
