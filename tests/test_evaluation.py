@@ -155,6 +155,7 @@ def test_report_files(tmp_path):
     assert "| slim | 0.00M | 12.00 | 0.250 |" in (tmp_path / "r" / "report.md").read_text()
 
 
+@pytest.mark.slow  # ~30 s: two models evaluated end to end in subprocesses
 def test_eval_command(tiny_checkpoint, tmp_path):
     """A half-MLP model against its dense baseline: parameters, perplexities (transformers' own loss), the ideal
     speedup (hand count) and the memory and spread fields, end to end through the CLI."""

@@ -164,6 +164,7 @@ MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~26 s: several prunes measured in subprocesses
 def test_pipeline_peak_memory_does_not_grow_with_depth():
     """Each down_proj's float64 Gram is 1536^2 * 8 B = 18.9 MB: holding every layer's at once (what a
     whole-model hook pass does) would add that per layer; the layer pipeline holds one layer's."""

@@ -202,6 +202,7 @@ def test_info_prints_widths_and_provenance(tmp_path):
     assert "schedule log-increase" in text and "importance taylor" in text
 
 
+@pytest.mark.slow  # ~27 s: one CLI subprocess per damaged folder
 def test_info_and_export_refuse_bad_folders_in_one_line(tmp_path):
     from tests.cli_helpers import one_line_error, run_cli
 
