@@ -23,8 +23,8 @@ from depgraph_llm.pipeline import save_checkpoint
 from depgraph_llm.planning.budget import ParamCounter
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.removal.apply import apply_plan, mask_model
-from tests.test_architectures import skip_layer_logits
-from tests.test_slim_checkpoints import FRESH_PROCESS, PROMPT
+from tests.test_architectures import greedy, logits, skip_layer_logits
+from tests.test_slim_checkpoints import FRESH_PROCESS
 from tests.tiny import tiny_tokenizer
 
 COMMON = dict(vocab_size=160, hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
@@ -100,16 +100,6 @@ def independent_count(arch: str, fields: dict) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**COMMON, **base, **fields}))
     return sum(p.numel() for p in model.parameters())
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=PROMPT).logits
-
-
-def greedy(model) -> torch.Tensor:
-    return model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=6, do_sample=False,
-                          pad_token_id=0)
 
 
 def load(folder, implementation: str = IMPLEMENTATION):
