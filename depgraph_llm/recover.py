@@ -17,7 +17,7 @@ import torch
 
 from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
 from depgraph_llm.checkpoint.files import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
-from depgraph_llm.checkpoint.loading import load_model, register_heterogeneous, resolve_model_path
+from depgraph_llm.checkpoint.loading import load_config, load_model, resolve_model_path
 from depgraph_llm.errors import UserError
 from depgraph_llm.evaluation.perplexity import perplexity
 from depgraph_llm.models import spec_for
@@ -107,11 +107,10 @@ def state_dir_for(out: Path) -> Path:
 def check_shapes_match_config(folder: Path) -> None:
     """Refuse a checkpoint whose safetensors shapes differ from what its config.json builds."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    register_heterogeneous(folder)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = load_config(folder)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # noqa: BLE001 - config validators raise many types

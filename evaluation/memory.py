@@ -75,12 +75,11 @@ def _import_model_code(path: Path, trust_remote_code: bool) -> None:
     """Import the model's modeling code (a weightless copy on the meta device) so that lazy imports made while
     loading are part of the baseline, not of the model's peak."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from depgraph_llm.checkpoint.loading import register_heterogeneous
+    from depgraph_llm.checkpoint.loading import load_config
 
-    register_heterogeneous(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_config(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

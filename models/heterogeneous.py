@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -63,7 +63,9 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
     base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
 
     class HeterogeneousConfig(base_config):
-        model_type = PREFIX + base_model_type
+        # the stock type, so that tools which only read config.json (AutoTokenizer, AutoConfig) need no remote
+        # code; `auto_map` and `architectures` name these classes, and stock modeling refuses the per-layer fields
+        model_type = base_model_type
 
         def __init__(self, **kwargs):
             # The global fields hold the dense model's values, which the stock validators accept; stock modeling
@@ -76,6 +78,12 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
                 kv = getattr(layer, "num_key_value_heads", None) or q
                 if q and kv and q % kv:
                     raise ValueError(f"layer {index}: {q} query heads do not split evenly over {kv} KV heads")
+
+        def to_dict(self):
+            # the opt-in stays with our classes: a stock class reading config.json must refuse the global widths
+            data = super().to_dict()
+            data.pop("allow_global_per_layer_attribute_access", None)
+            return data
 
     class HeterogeneousForCausalLM(base_model):
         config_class = HeterogeneousConfig
@@ -98,11 +106,10 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
 
 
 def register(base_model_type: str) -> tuple[type, type]:
-    """Make and register the classes with the Auto* factories (for loading without remote code)."""
+    """Make the classes and register the model class with AutoModelForCausalLM for our config class (for loading
+    without remote code; AutoConfig keeps the stock class for the stock type, so the config is built directly)."""
     config_class, model_class = make_classes(base_model_type)
-    if config_class.model_type not in CONFIG_MAPPING:
-        AutoConfig.register(config_class.model_type, config_class)
-        AutoModelForCausalLM.register(config_class, model_class)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
     return config_class, model_class
 
 

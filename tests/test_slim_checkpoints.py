@@ -101,13 +101,16 @@ def test_slim_checkpoint_round_trip(shape, tmp_path):
     save_checkpoint(model, tiny_tokenizer(), out, plan, {"test": shape}, overwrite=False)
     config = json.loads((out / "config.json").read_text())
     heterogeneous = shape not in ("uniform", "dropped-layers") or SHAPES[shape][0][0] != SHAPES[shape][0][2]
-    assert config["model_type"] == ("depgraph_llama" if heterogeneous else "llama")
+    assert config["model_type"] == "llama"  # the stock type either way: config-only readers need no remote code
+    assert config["architectures"] == ["DepgraphForCausalLM" if heterogeneous else "LlamaForCausalLM"]
     assert ("auto_map" in config) == heterogeneous == (out / "modeling_depgraph.py").exists()
+    from transformers import AutoModelForCausalLM
+
     if heterogeneous:
         assert config["per_layer_config"] and config["num_hidden_layers"] == 3 - len(SHAPES[shape][3])
+        with pytest.raises(Exception, match="per-layer attribute"):  # stock code refuses; never loads the wrong shapes
+            AutoModelForCausalLM.from_pretrained(out)
     else:
-        from transformers import AutoModelForCausalLM
-
         stock = AutoModelForCausalLM.from_pretrained(out)  # plain loading, no remote code
         assert torch.equal(stock(input_ids=PROMPT).logits, expected)
     reloaded = load_pruned(out).eval()
@@ -217,3 +220,19 @@ def test_info_and_export_refuse_bad_folders_in_one_line(tmp_path):
                  ("export-gguf", str(tmp_path / "damaged"), "--out", str(tmp_path / "d.gguf"))):
         assert "cannot read the weights" in one_line_error(run_cli(*args))
     assert not (tmp_path / "d.gguf").exists() and not list(tmp_path.glob(".d.gguf*"))
+
+
+def test_per_layer_checkpoint_of_the_old_format_still_loads(tmp_path):
+    """Folders written before the stock-type format name `depgraph_<base>` as model_type: load_pruned reads them."""
+    model = tiny_model()
+    coupling = build_coupling(model)
+    plan = _plan(model, coupling, SHAPES["heterogeneous-mlp"])
+    apply_plan(model, coupling, plan, spec_for("llama"))
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "slim", plan, {}, overwrite=False)
+    config_path = tmp_path / "slim" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(model_type="depgraph_llama", allow_global_per_layer_attribute_access=True)
+    config_path.write_text(json.dumps(config))
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "slim").eval()(input_ids=PROMPT).logits,
+                           model.eval()(input_ids=PROMPT).logits)

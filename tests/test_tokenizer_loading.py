@@ -31,7 +31,6 @@ LOAD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="transformers 5.24 AutoTokenizer consults config.json's auto_map first")
 def test_per_layer_checkpoint_tokenizer_loads_silently(tmp_path):
     model = tiny_model()
     coupling = build_coupling(model)

@@ -114,31 +114,51 @@ def _model_type(path: Path) -> str | None:
         return None
 
 
-def register_heterogeneous(path: Path) -> None:
-    """If `path` is a heterogeneous depgraph-llm checkpoint, register our own classes for it, so it loads with
-    no remote code (the copy of the modeling file inside the checkpoint is never executed)."""
-    from depgraph_llm.models import heterogeneous
+def _config_json(path: Path) -> dict:
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
-    model_type = _model_type(path) or ""
-    if model_type.startswith(heterogeneous.PREFIX):
-        heterogeneous.register(model_type[len(heterogeneous.PREFIX):])
+
+def depgraph_classes(path: Path) -> tuple[type, type] | None:
+    """(config class, model class) of a per-layer checkpoint depgraph-llm wrote, made from our own code (the
+    copy of the modeling file inside the checkpoint is never executed); None for any other folder."""
+    from depgraph_llm.models import heterogeneous
+    from depgraph_llm.removal.slim_config import base_model_type, is_depgraph_config
+
+    data = _config_json(Path(path))
+    if not is_depgraph_config(data) or not isinstance(data.get("model_type"), str):
+        return None
+    return heterogeneous.register(base_model_type(data["model_type"]))
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False):
+    """The config of `path`: our per-layer class for a depgraph-llm per-layer checkpoint, else AutoConfig's."""
+    from transformers import AutoConfig
+
+    classes = depgraph_classes(Path(path))
+    if classes is not None:
+        return classes[0].from_pretrained(path)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_pruned(path: str | Path, **kwargs) -> nn.Module:
     """Load any checkpoint depgraph-llm wrote (uniform or heterogeneous) without remote code."""
     from transformers import AutoModelForCausalLM
 
-    register_heterogeneous(Path(path))
+    if "config" not in kwargs:
+        kwargs["config"] = load_config(path)
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
 
 
 def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """Load an HF causal LM folder in fp32 on CPU with its tokenizer (safetensors; no remote code unless asked)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    register_heterogeneous(path)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = load_config(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as exc:
         model_type = _model_type(path)
         if model_type and ("Unrecognized" in str(exc) or "does not recognize" in str(exc)):
@@ -157,8 +177,8 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
         raise UserError(f"{path} holds a {config.architectures or config.model_type} model, not a causal LM; "
                         "depgraph-llm prunes *ForCausalLM checkpoints")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
     except Exception as exc:  # noqa: BLE001 - safetensors/transformers raise many types for bad files
         raise UserError(f"cannot load weights from {path}: {str(exc).splitlines()[0][:200]}; "
                         "the checkpoint must contain complete .safetensors files")

@@ -48,12 +48,11 @@ def skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) 
     """The model class built from the folder's config with every parameter on `meta` (buffers such as rotary
     tables are real: they are computed from the config, not loaded)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from depgraph_llm.checkpoint.loading import register_heterogeneous
+    from depgraph_llm.checkpoint.loading import load_config
 
-    register_heterogeneous(Path(folder))
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config = load_config(Path(folder), trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # as from_pretrained does: a tied head is the embedding, stored once

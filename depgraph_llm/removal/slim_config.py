@@ -30,11 +30,19 @@ def is_uniform(widths: list[dict[str, int]]) -> bool:
     return all(len({row[k] for row in widths if k in row}) <= 1 for k in WIDTH_KEYS)
 
 
+def is_depgraph_config(config_or_dict) -> bool:
+    """Whether a config (object or config.json dict) names our per-layer classes in its `auto_map`."""
+    auto_map = (config_or_dict.get("auto_map") if isinstance(config_or_dict, dict)
+                else getattr(config_or_dict, "auto_map", None)) or {}
+    return isinstance(auto_map, dict) and auto_map.get("AutoConfig") == AUTO_MAP["AutoConfig"]
+
+
 def is_heterogeneous(config) -> bool:
-    return str(getattr(config, "model_type", "")).startswith(heterogeneous.PREFIX)
+    return is_depgraph_config(config)
 
 
 def base_model_type(config_or_type) -> str:
+    """The stock model type (checkpoints written before 2026-12 carry it with a `depgraph_` prefix)."""
     model_type = config_or_type if isinstance(config_or_type, str) else config_or_type.model_type
     return model_type[len(heterogeneous.PREFIX):] if model_type.startswith(heterogeneous.PREFIX) else model_type
 
