@@ -1,10 +1,10 @@
 """Per-layer widths for a stock Hugging Face decoder: config + modeling classes that subclass the stock ones.
 
-The config uses transformers' own `per_layer_config` layout (a sparse map from layer index to the fields that
-differ from the global value), so the checkpoint becomes natively loadable once upstream modeling reads it.
-Until then this file is copied into every heterogeneous checkpoint and named in its `auto_map`, so
-`from_pretrained(dir, trust_remote_code=True)` works where depgraph-llm is not installed; with depgraph-llm,
-`depgraph_llm.load_pruned(dir)` registers the same classes locally and needs no remote code.
+In memory the config uses transformers' own `per_layer_config` (a sparse map from layer index to the fields that
+differ from the global value); config.json stores that map under `SAVED_KEY` with the stock model_type, so tools
+that only read the config (AutoTokenizer) see a plain homogeneous config. `auto_map` names this file, copied into
+every heterogeneous checkpoint, so `from_pretrained(dir, trust_remote_code=True)` works where depgraph-llm is not
+installed; with depgraph-llm, `depgraph_llm.load_pruned(dir)` builds the same classes locally, no remote code.
 
 What no config field can say (GPT-2 and OPT derive head_dim = hidden / heads) is in `config.module_overrides`:
 parameter shapes and module attributes, set right after the modules are built, before any weight is loaded or
@@ -22,6 +22,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 BASE_MODEL_TYPE = "llama"
 PREFIX = "depgraph_"
+# config.json holds the per-layer map under this key, not `per_layer_config`: stock config classes (which read
+# config.json for the stock model_type, e.g. inside AutoTokenizer) validate per-layer head counts through the
+# global fields and fail or warn, so they must see a homogeneous config with the dense values.
+SAVED_KEY = "depgraph_per_layer_config"
 _CLASSES: dict[str, tuple[type, type]] = {}
 
 
@@ -71,6 +75,8 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
             # The global fields hold the dense model's values, which the stock validators accept; stock modeling
             # code may read them (e.g. to size caches), so allow that: every layer is built from its own config.
             self.__dict__["allow_global_per_layer_attribute_access"] = True
+            if SAVED_KEY in kwargs:
+                kwargs["per_layer_config"] = kwargs.pop(SAVED_KEY)
             super().__init__(**kwargs)
             for index in range(self.num_hidden_layers if self.is_heterogeneous else 0):
                 layer = self.per_layer_config[index]
@@ -79,11 +85,11 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
                 if q and kv and q % kv:
                     raise ValueError(f"layer {index}: {q} query heads do not split evenly over {kv} KV heads")
 
-        def to_dict(self):
-            # the opt-in stays with our classes: a stock class reading config.json must refuse the global widths
-            data = super().to_dict()
-            data.pop("allow_global_per_layer_attribute_access", None)
-            return data
+        def _update_heterogeneous_to_dict_output(self, data: dict) -> None:  # transformers' serialisation hook
+            super()._update_heterogeneous_to_dict_output(data)
+            data.pop("allow_global_per_layer_attribute_access", None)  # an opt-in of our classes only
+            if "per_layer_config" in data:
+                data[SAVED_KEY] = data.pop("per_layer_config")
 
     class HeterogeneousForCausalLM(base_model):
         config_class = HeterogeneousConfig

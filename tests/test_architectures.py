@@ -193,7 +193,7 @@ def test_architecture_conformance(arch, tmp_path):
         reloaded = load_pruned(out).eval()
         assert torch.equal(logits(reloaded), pruned_logits), (arch, kind)
         if is_heterogeneous(model.config):  # the stock class never builds a per-layer folder with the dense shapes
-            with pytest.raises(Exception, match="per-layer attribute|size mismatch|mismatched_sizes"):
+            with pytest.raises(RuntimeError, match="mismatched_sizes"):
                 AutoModelForCausalLM.from_pretrained(out)
         saved[kind] = (out, pruned_logits, greedy(model))
         assert torch.equal(greedy(reloaded), saved[kind][2]), (arch, kind)

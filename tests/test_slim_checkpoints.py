@@ -107,8 +107,9 @@ def test_slim_checkpoint_round_trip(shape, tmp_path):
     from transformers import AutoModelForCausalLM
 
     if heterogeneous:
-        assert config["per_layer_config"] and config["num_hidden_layers"] == 3 - len(SHAPES[shape][3])
-        with pytest.raises(Exception, match="per-layer attribute"):  # stock code refuses; never loads the wrong shapes
+        assert config["depgraph_per_layer_config"] and "per_layer_config" not in config
+        assert config["num_hidden_layers"] == 3 - len(SHAPES[shape][3])
+        with pytest.raises(RuntimeError, match="mismatched_sizes"):  # stock classes refuse the slim weights
             AutoModelForCausalLM.from_pretrained(out)
     else:
         stock = AutoModelForCausalLM.from_pretrained(out)  # plain loading, no remote code
@@ -199,7 +200,7 @@ def test_info_prints_widths_and_provenance(tmp_path):
     assert result.returncode == 0, result.stderr
     text = result.stdout
     params = sum(p.numel() for p in model.parameters())
-    assert f"{params / 1e6:.2f}M parameters" in text and "heterogeneous per_layer_config" in text
+    assert f"{params / 1e6:.2f}M parameters" in text and "heterogeneous per-layer widths" in text
     widths = [line.split()[1] for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert widths == ["30", "20", "37"]
     assert "schedule log-increase" in text and "importance taylor" in text
@@ -223,7 +224,8 @@ def test_info_and_export_refuse_bad_folders_in_one_line(tmp_path):
 
 
 def test_per_layer_checkpoint_of_the_old_format_still_loads(tmp_path):
-    """Folders written before the stock-type format name `depgraph_<base>` as model_type: load_pruned reads them."""
+    """Folders written before the stock-type format (model_type `depgraph_<base>`, the map under transformers'
+    `per_layer_config` key) still load with load_pruned."""
     model = tiny_model()
     coupling = build_coupling(model)
     plan = _plan(model, coupling, SHAPES["heterogeneous-mlp"])
@@ -231,7 +233,8 @@ def test_per_layer_checkpoint_of_the_old_format_still_loads(tmp_path):
     save_checkpoint(model, tiny_tokenizer(), tmp_path / "slim", plan, {}, overwrite=False)
     config_path = tmp_path / "slim" / "config.json"
     config = json.loads(config_path.read_text())
-    config.update(model_type="depgraph_llama", allow_global_per_layer_attribute_access=True)
+    config.update(model_type="depgraph_llama", allow_global_per_layer_attribute_access=True,
+                  per_layer_config=config.pop("depgraph_per_layer_config"))
     config_path.write_text(json.dumps(config))
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path / "slim").eval()(input_ids=PROMPT).logits,

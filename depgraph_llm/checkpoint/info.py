@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from depgraph_llm.models import spec_for
 from depgraph_llm.checkpoint.files import corrupt_weights_error, read_checkpoint_config
-from depgraph_llm.removal.slim_config import base_model_type
+from depgraph_llm.removal.slim_config import base_model_type, saved_per_layer_widths
 from depgraph_llm.summary import table
 
 
@@ -33,10 +33,10 @@ def _numel(shape: list[int]) -> int:
 
 
 def layer_rows(config: dict) -> list[dict]:
-    """Per-layer widths from config.json (global values overridden by per_layer_config)."""
+    """Per-layer widths from config.json (global values overridden by the per-layer map)."""
     spec = spec_for(base_model_type(config.get("model_type", "")))
     fields = {"mlp": spec.mlp_width_field, "q_heads": spec.q_heads_field, "kv_heads": spec.kv_heads_field}
-    overrides = {int(k): v for k, v in (config.get("per_layer_config") or {}).items()}
+    overrides = {int(k): v for k, v in saved_per_layer_widths(config).items()}
     rows = []
     for index in range(config.get(spec.layers_field, 0)):
         layer = {**config, **overrides.get(index, {})}
@@ -48,7 +48,7 @@ def describe(folder: Path) -> str:
     """The text `depgraph-llm info` prints."""
     config = read_checkpoint_config(folder)
     rows = layer_rows(config)
-    layout = "heterogeneous per_layer_config" if config.get("per_layer_config") else "uniform"
+    layout = "heterogeneous per-layer widths" if saved_per_layer_widths(config) else "uniform"
     overrides = config.get("module_overrides") or {}
     if overrides:  # widths the config fields cannot state (e.g. GPT-2 heads): the weights' shapes are the truth
         layout += (f", {len(overrides.get('parameters', {}))} parameter shapes in module_overrides; widths below "

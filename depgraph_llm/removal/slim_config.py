@@ -37,6 +37,11 @@ def is_depgraph_config(config_or_dict) -> bool:
     return isinstance(auto_map, dict) and auto_map.get("AutoConfig") == AUTO_MAP["AutoConfig"]
 
 
+def saved_per_layer_widths(config_dict: dict) -> dict:
+    """The per-layer map of a config.json (our key; folders written before 2026-12 used `per_layer_config`)."""
+    return config_dict.get(heterogeneous.SAVED_KEY) or config_dict.get("per_layer_config") or {}
+
+
 def is_heterogeneous(config) -> bool:
     return is_depgraph_config(config)
 
