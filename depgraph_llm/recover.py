@@ -38,7 +38,7 @@ class RecoverOptions:
     slim: Path | None = None  # the slim checkpoint to recover (a depgraph-llm output folder)
     out: Path | None = None
     trainer: str = "lora"
-    data: str | None = None  # file, folder, .json/.jsonl, or "self"; default: default_recovery_files()
+    data: str | None = None  # file, folder, .json/.jsonl, or "self"; default: default_recovery_source()
     teacher: str | None = None  # "dense" (the source model) or a model folder
     source_model: str | None = None  # the dense model (default: the source named in prune_report.json)
     eval_text: str | None = None  # default: the checkpoint's own evaluation files, else the default licences
@@ -182,7 +182,7 @@ def run_recover(options: RecoverOptions, on_step: Callable[[StepInfo], None] | N
     dense = load_model(source_path, options.trust_remote_code)[0] if source_path is not None and (
         options.trainer == "masked" or options.data == SELF_DATA) else None
     data = load_recovery_data(options.data, tokenizer, options.seq_len, eval_files, dense, options.self_windows,
-                              options.seed)
+                              options.seed, windows_wanted=options.steps * options.batch_size)
     eval_text = load_text(eval_files) if options.evaluate else None
     check_free_space(out, sum(p.numel() for p in model.parameters()) * 4 * (3 if options.save_adapter else 2))
     params_before = sum(p.numel() for p in model.parameters())

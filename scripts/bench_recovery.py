@@ -32,7 +32,7 @@ ROWS = {"none": None, "lora": ("lora", False), "lora+distill": ("lora", True), "
 def texts(args) -> tuple[dict[str, str], str, list[str]]:
     """Evaluation text per register, the recovery text, and the recovery files/parts (for the record)."""
     from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
-    from depgraph_llm.recovery.data import default_recovery_files
+    from depgraph_llm.recovery.data import fallback_recovery_files
 
     evaluation = {"licences": load_text(default_files(DEFAULT_EVAL_FILES))}
     try:
@@ -40,7 +40,7 @@ def texts(args) -> tuple[dict[str, str], str, list[str]]:
     except ImportError:
         corpora = None
     if corpora is None:
-        return evaluation, load_text(default_recovery_files()), [str(f) for f in default_recovery_files()]
+        return evaluation, load_text(fallback_recovery_files()), [str(f) for f in fallback_recovery_files()]
     for name in args.eval_registers.split(","):
         if name != "licences" and corpora.is_available(name):
             evaluation[name] = corpora.corpus_part(name, "evaluation").text

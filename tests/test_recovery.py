@@ -69,7 +69,12 @@ def test_merged_lora_matches_adapter_model_and_loads(tmp_path, shape):
     recovery = json.loads((out / "prune_report.json").read_text())["recovery"]
     assert recovery["trainer"] == "lora" and recovery["steps"] == 3 and len(recovery["loss_curve"]) == 3
     assert recovery["tokens"] == 3 * 2 * 32 and recovery["data"]["files"] == result.report["recovery"]["data"]["files"]
-    assert "/usr/share/common-licenses/GPL-2" in recovery["data"]["files"]
+    from depgraph_llm.corpora import available_registers
+    from depgraph_llm.recovery.data import DEFAULT_RECOVERY_REGISTERS, FALLBACK_RECOVERY_FILES
+
+    expected = ([f"{r}:training" for r in available_registers(DEFAULT_RECOVERY_REGISTERS)]
+                or [f"/usr/share/common-licenses/{n}" for n in FALLBACK_RECOVERY_FILES])
+    assert recovery["data"]["files"] == expected  # the default text (which one is tested in test_recovery_data.py)
     assert (out / "prune_plan.json").read_text() == (slim_dir / "prune_plan.json").read_text()
 
 
