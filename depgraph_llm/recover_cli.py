@@ -92,21 +92,26 @@ class Progress:
             self.bar.close()
 
 
+def _files_label(files: list[str], shown: int = 3) -> str:
+    return ", ".join(files[:shown]) + (f" and {len(files) - shown} more (see prune_report.json)"
+                                       if len(files) > shown else "")
+
+
 def recovery_summary(report: dict, out: Path) -> str:
     """A short table of what recovery did."""
-    from depgraph_llm.summary import table
+    from depgraph_llm.summary import key_value_table
 
     rec = report["recovery"]
     rows = [["trainer", rec["trainer"] + (f" + distillation from {rec['teacher']}" if rec["teacher"] else "")],
             ["steps / tokens", f"{rec['steps']} / {rec['tokens']:,}"],
-            ["data", ", ".join(rec["data"]["files"])[:100]],
+            ["data", _files_label(rec["data"]["files"])],
             ["loss", f"{rec['loss_curve'][0][1]:.3f} -> {rec['loss_curve'][-1][1]:.3f}"],
             ["wall time", f"{rec['wall_time_s']:.0f}s"]]
     ppl = rec["perplexity"]
     if ppl["before"] and ppl["after"]:
         b, a = ppl["before"]["perplexity"], ppl["after"]["perplexity"]
         rows.append(["perplexity (eval text)", f"{b:.2f} -> {a:.2f}  (x{a / b:.2f})"])
-    return table(rows, ["recovery", ""]) + f"\nrecovered checkpoint written to {out}"
+    return key_value_table(rows, ["recovery", ""]) + f"\nrecovered checkpoint written to {out}"
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

@@ -1,16 +1,38 @@
 """Plain-text tables for the terminal: the prune summary and the coupling groups."""
 from __future__ import annotations
 
+import shutil
+import textwrap
 from pathlib import Path
 
 from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.graph.groups import GroupKind
 
+TERMINAL_COLUMNS = (60, 100)  # summary tables fit the terminal, never narrower than 60 or wider than 100
+
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def terminal_width() -> int:
+    """The terminal's width, clamped to TERMINAL_COLUMNS (80 columns are assumed when it is not a terminal)."""
+    low, high = TERMINAL_COLUMNS
+    return max(low, min(high, shutil.get_terminal_size((80, 24)).columns))
+
+
+def key_value_table(rows: list[list[str]], header: list[str], width: int | None = None) -> str:
+    """A two-column table whose values wrap (on spaces and commas, long paths cut) to fit `width` columns."""
+    width = width or terminal_width()
+    key_width = max(len(str(c)) for c in [header[0], *(r[0] for r in rows)])
+    value_width = max(20, width - key_width - 2)
+    lines = []
+    for key, value in rows:
+        wrapped = textwrap.wrap(str(value), value_width, break_on_hyphens=False) or [""]
+        lines.extend([[key, wrapped[0]], *([["", more] for more in wrapped[1:]])])
+    return table(lines, header)
 
 
 def _fmt_params(n: int) -> str:
@@ -70,7 +92,7 @@ def prune_summary(report: dict, out: Path) -> str:
         rows.append(["saved to", str(out)])
         source = report["source"]["path"]
         rows.append(["full evaluation", f"depgraph-llm eval {out} --baseline {source}  (report.md, plots)"])
-    return "\n" + table(rows, ["", "depgraph-llm prune"])
+    return "\n" + key_value_table(rows, ["", "depgraph-llm prune"])
 
 
 def _member(param: str) -> str:
