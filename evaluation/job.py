@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
+from depgraph_llm.calibration import default_eval_part, generated_eval_text, load_text
 from depgraph_llm.errors import UserError
 from depgraph_llm.checkpoint.files import check_not_source
 from depgraph_llm.checkpoint.loading import cache_dir, load_model, resolve_model_path
@@ -121,6 +121,18 @@ def check_report_dir(out: Path, sources: list[Path]) -> None:
                         "folder")
 
 
+def evaluation_text(options: EvalOptions, reference: Path) -> tuple[str, list[str]]:
+    """--eval-text, else the default evaluation part (as `prune` uses), else text the reference model generates
+    (the baseline, or the first model), so evaluation works on a machine with no text at all."""
+    if options.eval_text:
+        return load_text([Path(options.eval_text)]), [str(options.eval_text)]
+    part = default_eval_part()
+    if part is not None:
+        return part.text, list(part.files)
+    model, tokenizer = load_model(reference, options.trust_remote_code)
+    return generated_eval_text(model, tokenizer, options.seq_len, options.eval_tokens, seed=0), [f"self:{reference}"]
+
+
 def run_eval(options: EvalOptions) -> tuple[Path, dict]:
     """Evaluate every model (and the baseline) and write the report next to the first model."""
     paths = [resolve_model_path(m) for m in options.models]
@@ -128,9 +140,9 @@ def run_eval(options: EvalOptions) -> tuple[Path, dict]:
     out = options.report_dir or (paths[0] / "eval_report")
     check_report_dir(out, [*paths, *([baseline_path] if baseline_path else []),
                            *(Path(m) for m in [*options.models, options.baseline] if m)])
-    text = load_text([Path(options.eval_text)] if options.eval_text else default_files(DEFAULT_EVAL_FILES))
+    text, text_files = evaluation_text(options, baseline_path or paths[0])
     user_tasks = _user_task_names(options.tasks_dir) if options.tasks_dir else []
-    report: dict = {"models": {}, "speed": {}, "protocol": PROTOCOL}
+    report: dict = {"models": {}, "speed": {}, "protocol": PROTOCOL, "eval_text": text_files}
     baseline_model = None
     with tempfile.TemporaryDirectory() as tmp:
         tasks = build_tasks(Path(tmp), text, options)

@@ -198,3 +198,23 @@ def test_licence_calibration_at_default_sizes_is_the_old_default():
     old = token_windows(tokenizer, load_text(default_files(DEFAULT_CALIBRATION_FILES)), 512, 8, 0)
     new = mixed_source(("licences",)).windows(None, tokenizer, 512, 8, 0)
     assert len(new) == 8 and all((a == b).all() for a, b in zip(old, new))
+
+
+def test_eval_without_any_text_evaluates_on_text_the_reference_model_generates(no_corpora, tiny_checkpoint):
+    """`depgraph-llm eval` with no --eval-text, no corpus and no licence folder: generated text, named as such,
+    the same in a second call (a fixed seed); with the licence folder, the default evaluation part as `prune`."""
+    from depgraph_llm.evaluation.job import EvalOptions, evaluation_text
+
+    options = EvalOptions(models=[str(tiny_checkpoint)], seq_len=32, eval_tokens=64)
+    text, files = evaluation_text(options, tiny_checkpoint)
+    assert files == [f"self:{tiny_checkpoint}"] and len(text.split()) > 10
+    assert evaluation_text(options, tiny_checkpoint) == (text, files)
+
+
+def test_eval_default_text_is_prunes_default_evaluation_part(tiny_checkpoint):
+    from depgraph_llm.evaluation.job import EvalOptions, evaluation_text
+
+    part = default_eval_part()
+    if part is None:
+        pytest.skip("no evaluation register on this machine")
+    assert evaluation_text(EvalOptions(models=[str(tiny_checkpoint)]), tiny_checkpoint) == (part.text, list(part.files))
