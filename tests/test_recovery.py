@@ -240,3 +240,35 @@ def test_loss_curve_png_when_the_report_has_one(tmp_path):
     assert plot_loss_curves({"recovered": curve}, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot_loss_curves({"plain": None}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_masked_lora_changes_only_what_the_slim_model_keeps():
+    """--masked-lora: adapters on the dense-shaped model with their rows/columns masked. After merging, the
+    dense-shaped model and its physical pruning compute the same logits (nothing trained leaked into a removed
+    unit), and training did change them."""
+    dense = tiny_model(tie=True)
+    coupling = build_coupling(dense)
+    plan = _plan(dense, coupling, SHAPES["gqa-dropped-kv-groups"])
+    slim = copy.deepcopy(dense)
+    apply_plan(slim, build_coupling(slim), plan, spec_for("llama"))
+    masked_input = copy.deepcopy(dense)
+    load_slim_into_dense(masked_input, slim, coupling, plan)
+    masked = get_trainer("masked", coupling=coupling, plan=plan, spec=spec_for("llama"))
+    settings = TrainSettings(steps=4, lr=5e-2, batch_size=2, warmup_steps=1, checkpoint_every=0, seed=3,
+                             masked_lora=True, lora_rank=4, lora_alpha=8)
+    trained, _ = train(masked_input, masked, _windows(), settings)
+    merged = trained.merge_and_unload().eval()
+    with torch.no_grad():
+        dense_shaped = merged(PROMPT).logits
+        apply_plan(merged, coupling, plan, spec_for("llama"))
+        torch.testing.assert_close(merged(PROMPT).logits, dense_shaped, atol=1e-5, rtol=0)
+        assert (dense_shaped - slim.eval()(PROMPT).logits).abs().max() > 1e-3
+
+
+def test_recover_on_text_the_dense_model_generates(tmp_path):
+    dense_dir, slim_dir = _slim_checkpoint(tmp_path, "uniform")
+    result = run_recover(RecoverOptions(slim=slim_dir, out=tmp_path / "self", data="self", self_windows=3,
+                                        lr=1e-2, **FAST))
+    data = result.report["recovery"]["data"]
+    assert data["files"] == ["self"] and data["windows"] == 3 and data["tokens"] == 3 * FAST["seq_len"]
+    assert result.report["recovery"]["tokens"] == 3 * 2 * FAST["seq_len"]
