@@ -157,7 +157,12 @@ def _prefix(text: str, count: int, seq_len: int) -> str:
 
 def file_source(path: Path) -> CalibrationSource:
     """--calibration PATH: one part holding the text of the file or folder."""
-    files = _text_files(path)
+    return file_source_of(_text_files(path))
+
+
+def file_source_of(files: list) -> CalibrationSource:
+    """One part holding the text of these files, in this order."""
+    files = [Path(f) for f in files]
     return CalibrationSource((CorpusPart("file", "calibration", tuple(str(f) for f in files), len(files),
                                          load_text(files)),), label="files", hash_ordered=False)
 

@@ -31,6 +31,7 @@ from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES 
 from depgraph_llm.recovery.reconstruct import check_supported, prepare_reconstruction
 from depgraph_llm.layers import InMemorySource, LayerPipeline
 from depgraph_llm.layers.sink import SliceSink
+from depgraph_llm.replay import calibration_record, replay_windows
 from depgraph_llm.streaming import run_prune_streaming, would_not_fit
 from depgraph_llm.stage_memory import peak_rss, reset_peak
 from depgraph_llm.planning.plan import PrunePlan
@@ -292,6 +293,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     check_free_space(out, params_before * 4)
     plan, coupling = prune_in_memory(model, calibration, options, source_hash=source_hash, timer=timer,
                                      allocation=allocation)
+    plan.calibration = calibration_record(cal_source, calibration, options.seq_len, options.seed) if calibration else {}
     tokenizer = pruned_tokenizer(tokenizer, plan)
     ppl_after = None
     if options.evaluate:
@@ -494,11 +496,9 @@ def _remaining_time(model, tokenizer, eval_text: str, options: PruneOptions, pla
 
 def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = False,
               trust_remote_code: bool = False) -> PruneResult:
-    """Replay a saved prune plan on the model it was made from (checked by weights hash)."""
+    """Replay a saved prune plan on the model it was made from (checked by weights hash); a reconstructed plan
+    draws its calibration windows again from its record (checked by digest) and refits the same way."""
     plan = PrunePlan.load(plan_path)
-    if plan.reconstruct != "none":
-        raise UserError(f"{plan_path} used --reconstruct {plan.reconstruct}, whose refitted weights depend on "
-                        "calibration data; rerun `prune` with the same options instead of `apply`")
     check_output_dir(out, overwrite)
     timer = _Timer()
     model_path = resolve_model_path(model)
@@ -512,10 +512,26 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     if sum(p.numel() for p in loaded.parameters()) != plan.params_before:
         raise UserError(f"{plan_path} expects {plan.params_before} parameters before pruning; the model differs")
     check_free_space(out, plan.params_after * 4)
+    spec = spec_for(loaded.config.model_type)
+    calibration = []
+    if plan.reconstruct != "none":
+        with timer("calibration"):
+            calibration = replay_windows(plan.calibration, loaded, tokenizer)
+        if plan.reconstruct == "bias":
+            enable_zero_biases(loaded, spec.bias_switches)
     coupling = couple_or_explain(loaded)
     plan.check_against(coupling, loaded.config.model_type)
-    with timer("apply"):
-        apply_plan(loaded, coupling, plan, spec_for(loaded.config.model_type))
+    if calibration:
+        recorded = {name: list(units) for name, units in plan.keep.items()}
+        options = PruneOptions(model=str(model_path), ratio=plan.ratio_requested, reconstruct=plan.reconstruct,
+                               reconstruct_mode=plan.reconstruct_mode, show_progress=False)
+        apply_in_memory(loaded, coupling, plan, calibration, options, timer)
+        if plan.keep != recorded:
+            raise UserError(f"replaying {plan_path} chose other units than it records (another torch version or "
+                            "thread count changes the refit's arithmetic); rerun `prune` instead of `apply`")
+    else:
+        with timer("apply"):
+            apply_plan(loaded, coupling, plan, spec)
     tokenizer = pruned_tokenizer(tokenizer, plan)
     replayed = sum(p.numel() for p in loaded.parameters())
     if replayed != plan.params_after:

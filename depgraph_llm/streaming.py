@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from depgraph_llm.calibration import token_windows
+from depgraph_llm.replay import calibration_record
 from depgraph_llm.checkpoint.files import atomic_dir, check_free_space, weights_hash, write_json
 from depgraph_llm.checkpoint.shards import ShardReader, ShardWriter
 from depgraph_llm.errors import UserError
@@ -134,6 +135,7 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
             ppl_before = streamed_perplexity(source, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
                                              progress("perplexity (layer by layer)", options.show_progress))
     plan, coupling = job.plan_in_memory(model, calibration, options, source_hash, timer, allocation, source=source)
+    plan.calibration = calibration_record(cal_source, calibration, options.seq_len, options.seed) if calibration else {}
     if options.dry_run:
         report = job.plan_report(model_path, source_hash, coupling, plan, timer)
         report.update(dry_run=True, streaming=True,

@@ -13,6 +13,7 @@ from depgraph_llm.calibration import (LICENSES, CalibrationSource, _text_files, 
                                       token_windows)
 from depgraph_llm.corpora import available_registers, corpus_part
 from depgraph_llm.errors import UserError
+from depgraph_llm.replay import windows_digest
 
 log = logging.getLogger(__name__)
 SELF_DATA = "self"
@@ -75,14 +76,6 @@ def check_disjoint(recovery_files: list[Path], eval_files: list[Path]) -> None:
             if clash is not None:
                 raise UserError(f"recovery text {file} is the evaluation text {clash}; recovery data must be disjoint "
                                 "from the evaluation text: pass another --recover-data or --eval-text")
-
-
-def windows_digest(windows: list[torch.Tensor]) -> str:
-    """sha256 of the token windows (identifies the data a resumed run must see again)."""
-    digest = hashlib.sha256()
-    for window in windows:
-        digest.update(window.to(torch.int64).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_parts_disjoint(source: CalibrationSource, eval_files: list[Path]) -> None:

@@ -40,6 +40,7 @@ class PrunePlan:
     reconstruct_report: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
     chosen_by: dict[str, str] = field(default_factory=dict)  # group -> what re-chose its units, if not `estimator`
+    calibration: dict = field(default_factory=dict)  # the calibration source and windows digest (replay.py)
     format: int = PLAN_FORMAT
 
     @property
