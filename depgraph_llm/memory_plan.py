@@ -1,14 +1,16 @@
 """Predicted peak host memory of a prune run, from the config and the options alone (`--dry-run`).
 
-The terms are the largest live objects of each path (bytes): the streaming path holds the model outside its
-layers, one decoder layer (twice while it is sliced), the float64 Grams and solves of one layer's consumers,
-the calibration stream, a forward's widest activation and, for gradient estimators, every layer's stored input
-plus a float32 gradient of the embeddings; the in-memory path holds the whole float32 model (twice for
-gradient estimators). A fixed runtime term covers Python, torch and transformers themselves."""
+The terms are the largest live objects of each path (bytes): the streaming path holds one decoder layer (twice
+while it is sliced), the calibration stream and a forward's widest activation in every stage; the model outside
+its layers only while it is scored (with one float32 element-score buffer of its largest matrix) and written;
+the float64 Grams and solve of one layer's widest consumer while reconstructing; and, for gradient estimators,
+every layer's stored input plus a float32 gradient of the embeddings. The in-memory path holds the whole
+float32 model (twice for gradient estimators). A fixed runtime term covers Python, torch and transformers themselves."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from depgraph_llm.importance.chunked import CHUNK_ELEMENTS
 from depgraph_llm.streaming_limits import MAX_SHARD_BYTES
 
 RUNTIME_BYTES = 700 << 20  # interpreter, torch, transformers, tokenizer (measured on the tiny models: ~0.6 GB)
@@ -48,6 +50,18 @@ def layer_params(config) -> int:
     return attention + 3 * hidden * intermediate + 2 * hidden
 
 
+def solve_bytes(config, ratio: float) -> int:
+    """Peak float64 bytes of reconstructing one layer (recovery/reconstruct.py's lean solve of the down_proj, the
+    widest consumer, while the attention output's Gram is held): the Gram with the weight, the kept targets and
+    the gathered kept block; or, once the Gram is dropped, the kept block, its factorisation, the right-hand side,
+    the solution and the targets."""
+    hidden, intermediate, _, heads, _ = _widths(config)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    i, h, k = intermediate, hidden, int(intermediate * (1 - ratio))
+    down = max(i * i + i * h + k * h + k * k, i * h + 3 * k * h + 2 * k * k)
+    return (down + (heads * head_dim) ** 2) * 8
+
+
 def predict_peak(config, options, source_bytes_per_element: int, total_params: int) -> MemoryPrediction:
     """The predicted peak RSS of `options` (PruneOptions) on a model with `config`."""
     from depgraph_llm.importance import get_estimator
@@ -67,24 +81,29 @@ def predict_peak(config, options, source_bytes_per_element: int, total_params: i
             terms["gradients_fp32"] = total_params * 4
         terms["logits_fp32"] = max(tokens, 1) // options.calibration_samples * vocab * 4 * 2
         return MemoryPrediction("in-memory", terms)
-    terms = {"runtime": RUNTIME_BYTES, "outside_layers": outside * compute}
+    terms = {"runtime": RUNTIME_BYTES}
     layer = {"one_layer_loaded_and_sliced": 2 * per_layer * compute,
              "calibration_stream": 3 * tokens * hidden * compute,
              "widest_activation": 3 * options.seq_len * intermediate * compute,
              "logits_one_window_fp32": 2 * options.seq_len * vocab * 4}
-    # scoring the embedding / head matrix: its float32 copy, the element scores and a unit-sum temporary
-    scoring = {**layer, "largest_outside_scores_fp32": 3 * vocab * hidden * 4}
+    # the parameters outside the layers are parked on disk while the layers run (layers/pipeline.py), and are
+    # resident when the embedding / head matrix is scored (one float32 element-score buffer plus its row blocks,
+    # importance/chunked.py) and when they are written at the end
+    scoring = {**layer, "outside_layers": outside * compute,
+               "largest_outside_scores_fp32": vocab * hidden * 4 + 3 * CHUNK_ELEMENTS * 4}
     if estimator.name == "obs":
         scoring["hessians_fp64"] = (intermediate ** 2 + 2 * hidden ** 2) * 8
     if estimator.needs_gradients or estimator.name == "fisher":
         scoring["stored_layer_inputs"] = layers * tokens * hidden * compute
         scoring["embedding_gradient_fp32"] = vocab * hidden * 4 + per_layer * 4
     writing = {**layer, "pending_output_shard": min(MAX_SHARD_BYTES, total_params * source_bytes_per_element)}
-    if options.reconstruct != "none":  # down_proj: its Gram, the kept block twice (factorisation), weight and cross
-        kept = int(intermediate * (1 - options.ratio))
-        writing["grams_and_solve_fp64"] = (intermediate ** 2 + 2 * kept ** 2 + 2 * intermediate * hidden
-                                           + hidden ** 2) * 8
-    stages = {"importance": scoring, "reconstruct_and_write": writing}
+    if options.reconstruct != "none":
+        writing["grams_and_solve_fp64"] = solve_bytes(config, options.ratio)
+    final = {"outside_layers": outside * compute,
+             "pending_output_shard": max(min(MAX_SHARD_BYTES, total_params * source_bytes_per_element),
+                                         vocab * hidden * source_bytes_per_element)}
+    stages = {"importance": scoring, "reconstruct_and_write": writing, "final_write": final}
     if eval_tokens:
-        stages["perplexity"] = {**layer, "evaluation_stream": 3 * eval_tokens * hidden * compute}
+        stages["perplexity"] = {**layer, "outside_layers": outside * compute,
+                                "evaluation_stream": 3 * eval_tokens * hidden * compute}
     return MemoryPrediction("streaming", terms, stages)

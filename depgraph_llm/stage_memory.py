@@ -35,3 +35,23 @@ def peak_rss() -> int:
 def process_peak_rss() -> int:
     """The whole process's peak RSS (never reset)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _trim_function():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _trim_function()
+
+
+def release_free_heap() -> None:
+    """Give the allocator's free heap pages back to the OS (glibc malloc_trim; a no-op elsewhere). Blocks below
+    malloc's mmap threshold are freed into a fragmented heap that otherwise stays resident: 1.1 GB of free heap
+    after 32 layers at Llama-3.1-8B widths."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

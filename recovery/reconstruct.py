@@ -26,7 +26,7 @@ from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.planning.plan import PrunePlan, axis_masks
 from depgraph_llm.layers import InMemorySource, LayerCallback, LayerPipeline, LayerStep
 from depgraph_llm.layers.callbacks import Recorder
-from .solvers import bias_correction, least_squares, obs_select
+from .solvers import bias_correction, kept_block, obs_select, ridge, solve_damped
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,29 @@ class _Stats:
 
     def add_x(self, x: torch.Tensor) -> None:
         x = x.double()
-        self.gram = x.T @ x if self.gram is None else self.gram + x.T @ x
+        if self.gram is None:
+            self.gram = torch.empty(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+            add_gram_rows(self.gram, x, first=True)
+        else:
+            add_gram_rows(self.gram, x)
         self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
         self.tokens += len(x)
+
+
+GRAM_BLOCK_BYTES = 64 << 20  # one block of rows of X^T X in flight while a Gram is accumulated
+
+
+def add_gram_rows(gram: torch.Tensor, x: torch.Tensor, first: bool = False) -> None:
+    """gram += X^T X in place, a block of rows at a time: one Gram in memory instead of the old one, the product
+    and their sum (3 x 1.6 GB for a 14336-wide down_proj). Each block holds the same values as those rows of the
+    whole product (the BLAS accumulates every element over the same tokens; checked bit for bit in the tests)."""
+    rows = max(1, GRAM_BLOCK_BYTES // (x.element_size() * x.shape[1]))
+    for start in range(0, x.shape[1], rows):
+        block = x[:, start:start + rows].T @ x
+        if first:
+            gram[start:start + rows] = block
+        else:
+            gram[start:start + rows] += block
 
 
 def input_axis(module: nn.Module) -> int | None:
@@ -211,7 +231,11 @@ def reconstruct(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, batc
 
 
 def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tuple[float, float]:
-    """New weights for one consumer; returns the relative output error before and after (on calibration)."""
+    """New weights for one consumer; returns the relative output error before and after (on calibration).
+
+    Memory: the Gram is dropped once its kept block is gathered (before the solve), the targets are kept on the
+    kept rows only, and the solve damps the kept block in place (solvers.solve_damped); the values computed are
+    those of the plain formulas, bit for bit."""
     stats, module = consumer.stats, consumer.module
     if method == "bias" and module.bias is None:  # refuse before anything (weights, plan) is written
         raise UserError(f"{consumer.name} has no bias to hold the compensation; use --reconstruct ls")
@@ -221,35 +245,50 @@ def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tu
     bias = module.bias.detach().double().cpu() if module.bias is not None else None
     b = bias if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
     gram, sum_x, tokens = stats.gram.cpu(), stats.sum_x.cpu(), stats.tokens
-    # the targets are what the dense layer computes on the same inputs: Y = X W^T + b
-    cross = gram @ weight.T + sum_x[:, None] * b
-    sum_y = weight @ sum_x + tokens * b
-    y_energy = torch.einsum("oi,ij,oj->", weight, gram, weight) + 2 * b @ (weight @ sum_x) + tokens * b @ b
-    cross_without_bias = cross - sum_x[:, None] * b  # targets minus the bias, which is kept or fitted apart
+    stats.gram = None  # this function holds the last reference: freed as soon as its kept block is gathered
     keep = consumer.keep
     if method == "obs" and consumer.units is not None:
         keep = _obs_keep(consumer, weight, gram, damp, plan)
     kept = keep.nonzero().flatten()
+    # the targets are what the dense layer computes on the same inputs: Y = X W^T + b
+    cross = gram @ weight.T
+    _add_outer(cross, sum_x, b)
+    cross_kept = cross[kept]
+    del cross
+    sum_y = weight @ sum_x + tokens * b
+    y_energy = torch.einsum("oi,ij,oj->", weight, gram, weight) + 2 * b @ (weight @ sum_x) + tokens * b @ b
+    gram_kept, ridge_value = kept_block(gram, kept), ridge(gram, damp)
+    del gram
+    sum_x_kept = sum_x[kept]
     new_bias = b
     if method == "bias":
         new_weight = weight[:, kept]
         new_bias = bias_correction(sum_x / tokens, sum_y / tokens, weight, kept)
-    else:
-        new_weight = least_squares(gram, cross_without_bias, kept, damp)
+    else:  # targets minus the bias, which is kept or fitted apart
+        new_weight = solve_damped(gram_kept, cross_kept - sum_x_kept[:, None] * b, ridge_value)
 
     def residual(w_kept: torch.Tensor, bias_vec: torch.Tensor) -> float:
-        value = (torch.einsum("oi,ij,oj->", w_kept, gram[kept][:, kept], w_kept)
-                 - 2 * torch.einsum("oi,io->", w_kept, cross[kept]) + 2 * bias_vec @ (w_kept @ sum_x[kept])
+        value = (torch.einsum("oi,ij,oj->", w_kept, gram_kept, w_kept)
+                 - 2 * torch.einsum("oi,io->", w_kept, cross_kept) + 2 * bias_vec @ (w_kept @ sum_x_kept)
                  - 2 * bias_vec @ sum_y + tokens * bias_vec @ bias_vec + y_energy)
         return float(value.clamp_min(0) / y_energy.clamp_min(1e-30)) ** 0.5
 
     before, after = residual(weight[:, kept], b), residual(new_weight, new_bias)
+    del gram_kept, cross_kept
     full = torch.zeros_like(weight)
+    del weight
     full[:, kept] = new_weight
+    del new_weight
     module.weight.copy_((full.T if transposed else full).to(module.weight.dtype))
     if module.bias is not None:
         module.bias.copy_(new_bias.to(module.bias.dtype))
     return before, after
+
+
+def _add_outer(cross: torch.Tensor, sum_x: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> None:
+    """cross += sum_x[:, None] * b, a block of rows at a time (the same sums as the whole outer product's)."""
+    for start in range(0, len(cross), rows):
+        cross[start:start + rows] += sum_x[start:start + rows, None] * b
 
 
 OBS_CHOOSER = "obs-reconstruction"  # what PrunePlan.chosen_by records for units OBS re-chose

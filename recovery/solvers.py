@@ -23,9 +23,33 @@ def ridge(gram: torch.Tensor, damp: float) -> float:
 
 def least_squares(gram: torch.Tensor, cross: torch.Tensor, kept: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """Best weights (out, len(kept)) on the kept input columns, in float64."""
-    g = gram[kept][:, kept]
-    g = g + ridge(gram, damp) * torch.eye(len(kept), dtype=g.dtype)
-    return torch.linalg.solve(g, cross[kept]).T
+    return solve_damped(kept_block(gram, kept), cross[kept], ridge(gram, damp))
+
+
+def kept_block(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """gram[kept][:, kept] in one gather (no intermediate of len(kept) full rows)."""
+    return gram[kept.unsqueeze(1), kept]
+
+
+def solve_damped(gram_kept: torch.Tensor, rhs: torch.Tensor, ridge_value: float) -> torch.Tensor:
+    """((gram_kept + ridge I)^-1 rhs)^T: the diagonal is damped in place for the solve and restored bit for bit
+    afterwards, so no second matrix of the system's size is made (the factorisation still copies it once)."""
+    diagonal = gram_kept.diagonal()
+    undamped = diagonal.clone()
+    diagonal.add_(ridge_value)
+    try:
+        return torch.linalg.solve(gram_kept, rhs).T
+    finally:
+        diagonal.copy_(undamped)
+
+
+def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """(gram + ridge I)^-1 without an identity matrix and a damped copy beside `gram`."""
+    damped = gram.clone()
+    damped.diagonal().add_(ridge(gram, damp))
+    inverse = torch.linalg.inv(damped)
+    del damped
+    return inverse
 
 
 def bias_correction(mean_x: torch.Tensor, mean_y: torch.Tensor, weight: torch.Tensor,
@@ -46,7 +70,7 @@ def obs_select(weight: torch.Tensor, gram: torch.Tensor, units: list[torch.Tenso
     if n_remove <= 0:
         return []
     w = weight.double().clone()
-    h_inv = torch.linalg.inv(gram + ridge(gram, damp) * torch.eye(len(gram), dtype=gram.dtype))
+    h_inv = damped_inverse(gram, damp)
     alive = list(range(len(units)))
     removed: list[int] = []
     rounds = n_remove if steps is None else min(steps, n_remove)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from depgraph_llm.checkpoint.loading import load_pruned
 from depgraph_llm.pipeline import PruneOptions, run_prune
 from tests.cli_helpers import ROOT
 from tests.tiny import save_tiny_checkpoint
@@ -31,7 +32,7 @@ def _both(checkpoint, tmp_path, **options):
 
 
 def _assert_same_checkpoint(a, b):
-    left, right = AutoModelForCausalLM.from_pretrained(a), AutoModelForCausalLM.from_pretrained(b)
+    left, right = load_pruned(a), load_pruned(b)  # per-layer widths load through our config classes
     sa, sb = left.state_dict(), right.state_dict()
     assert sorted(sa) == sorted(sb)
     different = [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
@@ -116,6 +117,7 @@ def test_streaming_refuses_bias_reconstruction_in_one_line(checkpoint, tmp_path)
 PEAK_PROBE = """
 import sys
 from pathlib import Path
+from depgraph_llm.checkpoint.loading import load_pruned
 from depgraph_llm.pipeline import PruneOptions, run_prune
 from depgraph_llm.stage_memory import peak_rss, reset_peak
 import torch, transformers  # imported before the baseline

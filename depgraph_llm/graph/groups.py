@@ -49,7 +49,10 @@ class Slice:
     def unit_scores(self, element_scores: torch.Tensor) -> torch.Tensor:
         """Sum per-element scores of this parameter into per-unit scores ((size,) or (outer, size))."""
         segment = element_scores.narrow(self.axis, self.offset, self.length)
-        per_axis = segment.movedim(self.axis, 0).reshape(self.length, -1).sum(1)
+        return self.units_from_axis_sums(segment.movedim(self.axis, 0).reshape(self.length, -1).sum(1))
+
+    def units_from_axis_sums(self, per_axis: torch.Tensor) -> torch.Tensor:
+        """Per-unit scores from the scores summed per position of this slice's segment ((length,))."""
         grid = per_axis.reshape(self.factors)
         keep = [self.factor] if self.outer is None else [self.outer, self.factor]
         reduce = [d for d in range(len(self.factors)) if d not in keep]

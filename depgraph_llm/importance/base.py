@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import Group, Slice
 from depgraph_llm.layers.pipeline import LayerCallback
+from .chunked import param_unit_scores
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class Estimator:
     # that score what a unit contributes downstream (Wanda-sp, FLAP, OBS, Fisher of a mask)
     consumer_only: bool = False
     needs_calibration: bool = False  # data needed even without gradients (activation statistics)
+    row_wise: bool = True  # element scores of a block of rows are those rows of the whole tensor's (chunked.py)
     summary: str = ""
     cost: str = ""
 
@@ -100,13 +102,11 @@ def score_groups(model: nn.Module, groups: list[Group], estimator: Estimator,
     by_param = slices_by_param(model, groups, estimator.consumer_only)
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, uses in by_param.items():  # one parameter's element scores in memory at a time
+        for name, uses in by_param.items():  # one block of one parameter's element scores in memory at a time
             param = params[name]
-            element = estimator.element_scores(param.detach().float(), _grad(param), extra.get(name))
-            for group_name, s in uses:
-                unit = s.unit_scores(element).double()
+            for group_name, unit in param_unit_scores(estimator.element_scores, param, param.grad, extra.get(name),
+                                                      uses, estimator.row_wise):
                 totals[group_name] = unit if group_name not in totals else totals[group_name] + unit
-            del element
     scores = {name: total.abs() if estimator.signed else total for name, total in totals.items()}
     if estimator.needs_gradients:
         model.zero_grad(set_to_none=True)
@@ -129,9 +129,8 @@ class ElementScores(LayerCallback):
 
     def _score(self, name: str, param: torch.Tensor) -> None:
         extra = self.estimator.extra_from(self.statistics) if self.statistics is not None else {}
-        element = self.estimator.element_scores(param.detach().float(), None, extra.get(name))
-        self.units[name] = [(group_name, s.unit_scores(element).double().cpu())
-                            for group_name, s in self.by_param[name]]
+        self.units[name] = param_unit_scores(self.estimator.element_scores, param, None, extra.get(name),
+                                             self.by_param[name], self.estimator.row_wise)
 
     def after_layer(self, step) -> None:
         for local, param in step.layer.named_parameters():
@@ -190,7 +189,3 @@ def slices_by_param(model: nn.Module, groups: list[Group], consumer_only: bool) 
             for s in chosen or g.slices:
                 by_param[s.param].append((g.name, s))
     return by_param
-
-
-def _grad(param: torch.Tensor) -> torch.Tensor | None:
-    return None if param.grad is None else param.grad.detach().float()

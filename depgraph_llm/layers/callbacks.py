@@ -94,13 +94,11 @@ class HessianDiagonals(LayerCallback):
                     key, self._grams.get(key, 0) + x.double().T @ x.double()))
 
     def after_layer(self, step: LayerStep) -> None:
-        from depgraph_llm.recovery.solvers import ridge
+        from depgraph_llm.recovery.solvers import damped_inverse
 
         self._recorder.close()
         for key, gram in self._grams.items():
-            gram = gram.cpu()
-            eye = torch.eye(len(gram), dtype=gram.dtype)
-            self.result[key] = torch.linalg.inv(gram + ridge(gram, self.damp) * eye).diagonal().clone()
+            self.result[key] = damped_inverse(gram.cpu(), self.damp).diagonal().clone()
         self._grams = {}
 
 

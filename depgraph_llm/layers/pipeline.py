@@ -120,22 +120,27 @@ class LayerPipeline:
         if self.progress is not None:
             indices = self.progress(indices, count)
         layer = None
-        for index in indices:
-            layer = source.load(index)
-            if batches and index == 0:
-                self._phase("probe")
-                as_tuple = self._returns_tuple(layer, batches[0])
-                self._phase("capture")
-                inputs = capture_inputs(model, source.layers_path, count, batches, as_tuple)
-                inputs.hidden = self._stored(inputs.hidden)
-                self._phase("layers")
-            step = LayerStep(index, f"{source.layers_path}.{index}", layer, inputs.hidden,
-                             inputs.arguments[index], source.device, store=getattr(source, "activations", None))
-            self._visit(step, bool(batches))
-            self.sink.write(index, step.name, layer)
-            source.release(index, layer)
-            inputs.hidden = step.next_stream if step.next_stream is not None else step.stream
-            inputs.arguments[index] = []
+        try:
+            for index in indices:
+                layer = source.load(index)
+                if batches and index == 0:
+                    self._phase("probe")
+                    as_tuple = self._returns_tuple(layer, batches[0])
+                    self._phase("capture")
+                    inputs = capture_inputs(model, source.layers_path, count, batches, as_tuple)
+                    inputs.hidden = self._stored(inputs.hidden)
+                    self._phase("layers")
+                if index == 0:
+                    self._outside("park_outside")
+                step = LayerStep(index, f"{source.layers_path}.{index}", layer, inputs.hidden,
+                                 inputs.arguments[index], source.device, store=getattr(source, "activations", None))
+                self._visit(step, bool(batches))
+                self.sink.write(index, step.name, layer)
+                source.release(index, layer)
+                inputs.hidden = step.next_stream if step.next_stream is not None else step.stream
+                inputs.arguments[index] = []
+        finally:
+            self._outside("restore_outside")
         if batches and any(c.needs_tail for c in self.callbacks):
             self._phase("tail")
             self._tail(batches, inputs.hidden, as_tuple)
@@ -154,6 +159,14 @@ class LayerPipeline:
         for tensor in stream:
             kept.append(tensor)
         return kept
+
+    def _outside(self, action: str) -> None:
+        """A streaming source parks the parameters outside the decoder layers (embeddings, head) on disk while
+        the layers run, once their inputs are captured, and reads them back before the tail and the callbacks'
+        finish (nothing in the layer loop reads them); other sources have no such methods."""
+        method = getattr(self.source, action, None)
+        if method is not None:
+            method()
 
     def _phase(self, name: str) -> None:
         for callback in self.callbacks:

@@ -16,6 +16,7 @@ from depgraph_llm.graph.coupling import CouplingGraph, find_layers_path
 from depgraph_llm.models import ArchSpec
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.removal.apply import slice_layer
+from depgraph_llm.stage_memory import release_free_heap
 
 from .pipeline import LayerSink
 from .spill import ActivationStore
@@ -75,9 +76,23 @@ class StreamingSource:
         self.model = skeleton(self.folder, self.dtype, trust_remote_code)
         self.layers_path = find_layers_path(self.model)
         self.layers: nn.ModuleList = self.model.get_submodule(self.layers_path)
+        self.restore_outside()
+
+    def _outside_names(self) -> list[str]:
         prefix = f"{self.layers_path}."
-        outside = {name: self._read(name) for name, _ in self.model.named_parameters() if not name.startswith(prefix)}
-        _assign(self.model, outside)
+        return [name for name, _ in self.model.named_parameters() if not name.startswith(prefix)]
+
+    def park_outside(self) -> None:
+        """Parameters outside the layers back to `meta` (the shards still hold them): while only decoder layers
+        run, the embeddings and head (2.1 GB at Llama-3.1-8B widths) need not be resident."""
+        _assign(self.model, {name: torch.empty(p.shape, dtype=p.dtype, device="meta")
+                             for name, p in self.model.named_parameters() if name in set(self._outside_names())})
+
+    def restore_outside(self) -> None:
+        """Read the parameters outside the layers (again) from the shards, where they are on `meta`."""
+        params = dict(self.model.named_parameters())
+        _assign(self.model, {name: self._read(name) for name in self._outside_names()
+                             if params[name].device.type == "meta"})
 
     def _read(self, name: str) -> torch.Tensor:
         tensor = self.reader.get(name)
@@ -96,6 +111,7 @@ class StreamingSource:
         """Back to `meta`, keeping the current shapes (the final config step reads them)."""
         _assign(layer, {name: torch.empty(p.shape, dtype=p.dtype, device="meta")
                         for name, p in layer.named_parameters()})
+        release_free_heap()
 
 
 class ShardSink(LayerSink):
