@@ -42,6 +42,10 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconstruct", default="obs", help="retrain-free reconstruction of the layers that lose "
                         "input channels, layer by layer: obs (default: SlimGPT-style OBS choice of MLP channels + "
                         "least squares), ls (least squares), bias (FLAP bias compensation) or none")
+    parser.add_argument("--expert-reconstruct", default="drop", help="mixture of experts, after removing routed "
+                        "experts: drop (default), router (least-squares refit of the kept experts' router rows), "
+                        "merge (fold each removed expert into its most similar kept one, then the router refit); "
+                        "see docs/new-architecture.md")
     parser.add_argument("--reconstruct-mode", default="sequential", help="local (fit on the dense model's "
                         "activations) or sequential (fit on the pruned model's running activations, dense targets)")
     parser.add_argument("--calibration", help="calibration text: a file, a folder of text files, .json/.jsonl, "
@@ -119,7 +123,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
         schedule=args.schedule, depth_metric=args.depth_metric, reconstruct=args.reconstruct,
-        reconstruct_mode=args.reconstruct_mode, calibration=args.calibration, eval_text=args.eval_text,
+        reconstruct_mode=args.reconstruct_mode, expert_reconstruct=args.expert_reconstruct,
+        calibration=args.calibration, eval_text=args.eval_text,
         seed=args.seed, round_to=args.round_to, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
         hidden_ratio=args.hidden_ratio, layers_removed=args.layers_removed, tp_size=args.tp_size,
         vocab_keep=args.vocab_keep, experts_keep=args.experts_keep, expert_ratio=args.expert_ratio,

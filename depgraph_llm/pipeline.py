@@ -29,6 +29,7 @@ from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
 from depgraph_llm.recovery.bias_params import enable_zero_biases
 from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUCT_MODES
 from depgraph_llm.recovery.reconstruct import check_supported, prepare_reconstruction
+from depgraph_llm.recovery.experts import get_method as get_expert_method, prepare_expert_reconstruction
 from depgraph_llm.layers import InMemorySource, LayerPipeline
 from depgraph_llm.layers.sink import SliceSink
 from depgraph_llm.replay import calibration_record, replay_windows
@@ -100,6 +101,7 @@ class PruneOptions:
     vocab_keep: int | None = None
     reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
     reconstruct_mode: str = "sequential"
+    expert_reconstruct: str = "drop"  # after removing routed experts: drop, router (refit), merge (recovery/experts.py)
     calibration: str | None = None
     eval_text: str | None = None
     seed: int = 0
@@ -141,6 +143,7 @@ class PruneOptions:
             raise UserError("--hidden-ratio changes every layer's inputs, which reconstruction cannot follow; "
                             "add --reconstruct none")
         parse_schedule(self.schedule)
+        get_expert_method(self.expert_reconstruct)
         if self.reconstruct not in RECONSTRUCTIONS:
             raise UserError(f"--reconstruct {self.reconstruct!r} is not available; choose one of: "
                             f"{', '.join(RECONSTRUCTIONS)}")
@@ -270,7 +273,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     cal_text = cal_source.text()
     needs_calibration = (options.vocab_keep is not None and cal_source.is_self
                          or estimator.needs_gradients or estimator.needs_calibration or options.schedule == "depth"
-                         or options.reconstruct != "none" or options.layers_removed is not None)
+                         or options.reconstruct != "none" or options.layers_removed is not None
+                         or options.expert_reconstruct != "drop")
     with timer("calibration"):
         calibration = calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
     params_before = sum(p.numel() for p in model.parameters())
@@ -336,6 +340,8 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
         "seed": plan.seed, "round_to": plan.round_to,
         "reconstruct": plan.reconstruct if plan.reconstruct == "none" else f"{plan.reconstruct} ({plan.reconstruct_mode})",
         "reconstruct_report": plan.reconstruct_report,
+        "expert_reconstruct": plan.expert_reconstruct,
+        **({"expert_reconstruct_report": plan.expert_reconstruct_report} if plan.expert_reconstruct_report else {}),
         "params_before": plan.params_before, "params_after": plan.params_after,
         "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
         "layer_widths_before": layer_widths(coupling), "layer_widths_after": layer_widths(coupling, plan),
@@ -441,6 +447,7 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
                      ratio_requested=ratio, round_to=round_to, params_before=params_before,
                      params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers,
                      reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "",
+                     expert_reconstruct=getattr(options, "expert_reconstruct", "drop"),
                      allocation={k: v for k, v in asdict(allocation).items() if v not in (None, 1)})
     check_supported(coupling, plan, reconstruct, reconstruct_mode)
     return plan, coupling
@@ -450,26 +457,47 @@ def apply_in_memory(model, coupling: CouplingGraph, plan: PrunePlan, calibration
                     options: PruneOptions, timer: "_Timer") -> None:
     """One layer-pipeline pass (reconstruction when asked, then each layer's slice step), then the final step."""
     spec = spec_for(model.config.model_type)
-    reconstruction = prepare_reconstruction(coupling, plan, calibration, options.reconstruct,
-                                            options.reconstruct_mode)
+    stages = reconstruction_stages(coupling, plan, calibration, options)
     if coupling.layers_path is not None:
         # the model stays where it is; with a GPU, each decoder layer visits it in turn
-        device = torch.device("cuda") if torch.cuda.is_available() and reconstruction is not None else None
-        layer_pass = LayerPipeline(InMemorySource(model, coupling.layers_path, device),
-                                   [reconstruction] if reconstruction else [], SliceSink(coupling, plan, spec),
+        device = torch.device("cuda") if torch.cuda.is_available() and stages else None
+        layer_pass = LayerPipeline(InMemorySource(model, coupling.layers_path, device), stages,
+                                   SliceSink(coupling, plan, spec),
                                    progress=_progress(f"reconstruct ({options.reconstruct}, {options.reconstruct_mode})",
-                                                      options.show_progress and reconstruction is not None))
-        if reconstruction is not None:
+                                                      options.show_progress and bool(stages)))
+        if stages:
             with timer("reconstruct"):
                 layer_pass.run(calibration)
-            plan.reconstruct_report = reconstruction.report.to_dict()
+            record_reconstruction(plan, stages)
     with timer("apply"):
-        if coupling.layers_path is not None and reconstruction is None:
+        if coupling.layers_path is not None and not stages:
             layer_pass.run([])  # no calibration pass: each layer goes straight to its slice step
         finish_plan(model, coupling, plan, spec)
     actual = sum(p.numel() for p in model.parameters())
     if actual != plan.params_after:
         raise RuntimeError(f"internal error: planned {plan.params_after} parameters, model has {actual}")
+
+
+def reconstruction_stages(coupling: CouplingGraph, plan: PrunePlan, calibration: list[torch.Tensor],
+                          options: PruneOptions) -> list:
+    """The layer-pipeline stages that refit a layer before its slice step: removed routed experts first (router
+    refit / merge, which then masks them out of the routing), then the dense projections' reconstruction."""
+    plan.expert_reconstruct = options.expert_reconstruct
+    experts = prepare_expert_reconstruction(coupling, plan, calibration, options.expert_reconstruct,
+                                            sequential=options.reconstruct_mode != "local")
+    dense = prepare_reconstruction(coupling, plan, calibration, options.reconstruct, options.reconstruct_mode)
+    return [stage for stage in (experts, dense) if stage is not None]
+
+
+def record_reconstruction(plan: PrunePlan, stages: list) -> None:
+    """What the stages did, into the plan (prune_plan.json) and from there the report."""
+    from depgraph_llm.recovery.experts import ExpertReconstruction
+
+    for stage in stages:
+        if isinstance(stage, ExpertReconstruction):
+            plan.expert_reconstruct_report = stage.report.to_dict()
+        else:
+            plan.reconstruct_report = stage.report.to_dict()
 
 
 def _progress(description: str, show: bool):
@@ -499,6 +527,9 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     """Replay a saved prune plan on the model it was made from (checked by weights hash); a reconstructed plan
     draws its calibration windows again from its record (checked by digest) and refits the same way."""
     plan = PrunePlan.load(plan_path)
+    if plan.expert_reconstruct != "drop":
+        raise UserError(f"{plan_path} used --expert-reconstruct {plan.expert_reconstruct}, whose refitted routers "
+                        "depend on calibration data; rerun `prune` with the same options instead of `apply`")
     check_output_dir(out, overwrite)
     timer = _Timer()
     model_path = resolve_model_path(model)

@@ -24,7 +24,6 @@ from depgraph_llm.memory_plan import predict_peak
 from depgraph_llm.streaming_limits import MAX_SHARD_BYTES
 from depgraph_llm.layers.streaming import DTYPES, ShardSink, StreamingSource, streamed_adopt
 from depgraph_llm.models import spec_for
-from depgraph_llm.recovery.reconstruct import prepare_reconstruction
 from depgraph_llm.removal.apply import finish_plan
 from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
 
@@ -119,7 +118,7 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
                         "--eval-text FILE or --no-eval")
     cal_text = cal_source.text()
     needs_calibration = (estimator.needs_calibration or estimator.needs_gradients or options.schedule == "depth"
-                         or options.reconstruct != "none"
+                         or options.reconstruct != "none" or options.expert_reconstruct != "drop"
                          or options.layers_removed is not None)
     with timer("calibration"):
         calibration = job.calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
@@ -180,14 +179,12 @@ def write_slim_checkpoint(source: StreamingSource, coupling, plan, calibration: 
     model = source.model
     spec = spec_for(model.config.model_type)
     writer = ShardWriter(folder, max_shard_bytes)
-    reconstruction = prepare_reconstruction(coupling, plan, calibration, options.reconstruct, options.reconstruct_mode)
-    layer_pass = LayerPipeline(source, [reconstruction] if reconstruction else [],
-                               ShardSink(writer, coupling, plan, spec, out_dtype),
+    stages = job.reconstruction_stages(coupling, plan, calibration, options)
+    layer_pass = LayerPipeline(source, stages, ShardSink(writer, coupling, plan, spec, out_dtype),
                                progress=job._progress("slice and write", options.show_progress))
-    with timer("reconstruct" if reconstruction else "apply"):
-        layer_pass.run(calibration if reconstruction else [])
-    if reconstruction is not None:
-        plan.reconstruct_report = reconstruction.report.to_dict()
+    with timer("reconstruct" if stages else "apply"):
+        layer_pass.run(calibration if stages else [])
+    job.record_reconstruction(plan, stages)
     writer.flush()
     with timer("apply_config"):
         finish_plan(model, coupling, plan, spec, runnable=False,

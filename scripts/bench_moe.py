@@ -2,14 +2,19 @@
 
 No pretrained MoE model is reachable offline, so this builds one (MoEfication-style) from SmolLM2-135M-Instruct:
 each layer's MLP channels are split into `--chunks` experts (expert j = channels j::chunks; the dense MLP is the
-sum of them), `--duplicates` of them are copied once more with a little noise (the planted redundant experts),
-and each layer's router is fitted by least squares on calibration text to predict ||expert output|| per token
-(top-k Mixtral routing, experts' down projections scaled by k for the renormalised gates). Then each expert
+sum of them), `--duplicates` of them are copied once more with a little noise (the planted redundant experts; an original and
+its copy share the chunk, each with half its down projection, so the pair together computes it), and each layer's
+router is fitted by least squares on calibration text to predict log ||expert output|| per token, scaled by
+`--router-scale` (top-k Mixtral routing with near-uniform gates, experts' down projections scaled by k; with every
+expert routed the MoE is the dense model). Then each expert
 estimator removes `--duplicates` experts per layer (through the real plan/apply path) and the script reports
 whether it found the redundancy (pairs of which one copy was removed / duplicates) and the perplexity after the
-removal, against random expert removal (several seeds).
+removal, against random expert removal (several seeds). Every removal runs once per `--methods` entry: drop the
+experts, refit the router, or merge each removed expert into its nearest kept one (`--expert-reconstruct`,
+recovery/experts.py), at the same expert budget. Calibration is the licence register's calibration files;
+perplexity is measured on the evaluation parts of `--eval-registers` (registers never calibrated on).
 
-    python scripts/bench_moe.py --layers 30 --out docs/results/bench-moe.json
+    python scripts/bench_moe.py --layers 30 --out docs/results/bench-moe/30-layers.json
 """
 from __future__ import annotations
 
@@ -23,16 +28,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
-from depgraph_llm.calibration import DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files, load_text, token_windows
+from depgraph_llm.calibration import DEFAULT_CALIBRATION_FILES, default_files, load_text, token_windows
+from depgraph_llm.corpora import corpus_part
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
 from depgraph_llm.evaluation.perplexity import perplexity
 from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.importance import get_estimator, score_groups
-from depgraph_llm.models import spec_for
-from depgraph_llm.planning.budget import top_k
+from depgraph_llm.pipeline import PruneOptions, _Timer, apply_in_memory
+from depgraph_llm.planning.budget import ParamCounter, top_k
 from depgraph_llm.planning.plan import PrunePlan
-from depgraph_llm.removal.apply import apply_plan
 
 
 def expert_channels(intermediate: int, chunks: int, duplicates: int) -> list[list[int]]:
@@ -56,8 +61,13 @@ def mlp_inputs(dense, batches: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def upcycle(dense, batches, chunks: int, duplicates: int, k: int, noise: float, seed: int):
-    """The Mixtral built from `dense` (see the module docstring) and the planted (original, copy) pairs."""
+def upcycle(dense, batches, chunks: int, duplicates: int, k: int, noise: float, seed: int, router_scale: float = 1.0,
+            split: bool = True):
+    """The Mixtral built from `dense` (see the module docstring) and the planted (original, copy) pairs. With
+    `split`, a planted pair shares its chunk (each copy carries half the down projection, so with every expert
+    routed the MoE is the dense MLP); the router's logits are `router_scale` x the predicted expert output norm over
+    its mean's log (gates ~ norm^scale: near-uniform among the top-k for small scales, each expert's output scaled
+    by k)."""
     torch.manual_seed(seed)
     config = dense.config
     experts = expert_channels(config.intermediate_size, chunks, duplicates)
@@ -81,10 +91,12 @@ def upcycle(dense, batches, chunks: int, duplicates: int, k: int, noise: float, 
         for e, channels in enumerate(experts):
             jitter = (lambda w: w + noise * w.std() * torch.randn_like(w)) if e >= chunks else (lambda w: w)
             target.mlp.experts.gate_up_proj[e] = torch.cat([jitter(gate[channels]), jitter(up[channels])])
-            target.mlp.experts.down_proj[e] = k * jitter(down[:, channels])
+            share = 0.5 if split and (e >= chunks or e < duplicates) else 1.0
+            target.mlp.experts.down_proj[e] = share * k * jitter(down[:, channels])
         x = inputs[layer]
         norms = torch.stack([target.mlp.experts(x, torch.full((len(x), 1), e), torch.ones(len(x), 1)).norm(dim=-1)
                              for e in range(len(experts))], dim=-1)
+        norms = router_scale * torch.log(norms / norms.mean())  # gates ~ norm^scale: near-uniform for small scales
         solution = torch.linalg.lstsq(x.double(), norms.double()).solution  # router logits ~ ||expert output||
         target.mlp.gate.weight.copy_(solution.T.float())
     pairs = [(j, chunks + j) for j in range(duplicates)]
@@ -96,23 +108,37 @@ def found(removed: list[int], pairs: list[tuple[int, int]]) -> float:
     return sum((a in removed) != (b in removed) for a, b in pairs) / len(pairs)
 
 
-def remove_experts(moe, coupling, keep: dict[str, list[int]]):
-    plan = PrunePlan("", "mixtral", "bench", "experts", 0, 0.0, 1, 1, 1, keep=keep)
-    apply_plan(moe, coupling, plan, spec_for("mixtral"))
-    return moe
+def remove_experts(moe, coupling, keep: dict[str, list[int]], method: str = "drop",
+                   calibration: list[torch.Tensor] | None = None) -> dict:
+    """Remove experts through the real apply path (layer pipeline + slice), with `method` for the removed experts;
+    returns the expert-reconstruction summary (without the per-layer rows)."""
+    counter = ParamCounter({n: tuple(p.shape) for n, p in moe.named_parameters()}, coupling)
+    params = sum(p.numel() for p in moe.parameters())
+    plan = PrunePlan("", "mixtral", "bench", "experts", 0, 0.0, 1, params,
+                     counter.count({name: len(units) for name, units in keep.items()}), keep=keep)
+    options = PruneOptions(reconstruct="none", expert_reconstruct=method, show_progress=False)
+    apply_in_memory(moe, coupling, plan, calibration or [], options, _Timer())
+    return {k: v for k, v in plan.expert_reconstruct_report.items() if k != "per_layer"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--duplicates", type=int, default=4)
-    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--router-scale", type=float, default=0.03, help="router logits = scale x log(predicted "
+                        "expert output norm / mean); 0.03: near-uniform gates among the top-k")
     parser.add_argument("--noise", type=float, default=0.01)
     parser.add_argument("--layers", type=int, default=30, help="keep only the first N decoder layers")
     parser.add_argument("--calibration-windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--estimators", default="expert-frequency,reap,expert-reconstruction,l2")
+    parser.add_argument("--methods", default="drop,router,merge", help="--expert-reconstruct methods compared")
+    parser.add_argument("--eval-registers", default="python-docs,wordnet,fortunes,jargon",
+                        help="registers whose evaluation parts are scored (none is calibrated on)")
+    parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     start = time.time()
@@ -121,38 +147,46 @@ def main() -> None:
     dense.config.num_hidden_layers = args.layers
     calibration = token_windows(tokenizer, load_text(default_files(DEFAULT_CALIBRATION_FILES)), args.seq_len,
                                 args.calibration_windows, seed=0)
-    eval_text = load_text(default_files(DEFAULT_EVAL_FILES))
+    eval_texts = {name: corpus_part(name, "evaluation").text for name in args.eval_registers.split(",")}
+    methods = args.methods.split(",")
 
-    def ppl(model) -> float:
-        return round(perplexity(model, tokenizer, eval_text, args.seq_len, args.eval_tokens, False).perplexity, 3)
+    def ppl(model) -> dict[str, float]:
+        return {name: round(perplexity(model, tokenizer, text, args.eval_seq_len, args.eval_tokens,
+                                       False).perplexity, 3) for name, text in eval_texts.items()}
 
-    moe, pairs = upcycle(dense, calibration, args.chunks, args.duplicates, args.top_k, args.noise, seed=0)
+    def removal_rows(keep: dict[str, list[int]]) -> dict:
+        rows = {}
+        for method in methods:
+            model = copy.deepcopy(moe)
+            report = remove_experts(model, build_coupling(model), keep, method, calibration)
+            rows[method] = {"perplexity": ppl(model), **({"expert_reconstruct": report} if report else {})}
+            del model
+        return rows
+
+    moe, pairs = upcycle(dense, calibration, args.chunks, args.duplicates, args.top_k, args.noise, seed=0,
+                         router_scale=args.router_scale)
     results = {"setup": vars(args) | {"out": str(args.out)}, "pairs": pairs,
                "perplexity": {"dense": ppl(dense), "upcycled": ppl(moe)}, "estimators": {}}
     keep_count = args.chunks
-    for name in ("expert-frequency", "reap", "expert-reconstruction", "l2"):
-        model = copy.deepcopy(moe)
-        coupling = build_coupling(model)
-        groups = coupling.of_kind(GroupKind.EXPERTS)
-        scores = score_groups(model, groups, get_estimator(name), lambda: calibration, show_progress=False)
+    write(results, args.out)
+    groups = build_coupling(moe).of_kind(GroupKind.EXPERTS)
+    for name in args.estimators.split(","):
+        scores = score_groups(moe, groups, get_estimator(name), lambda: calibration, show_progress=False)
         keep = {g.name: top_k(scores[g.name], keep_count) for g in groups}
         removed = {g.name: [e for e in range(g.size) if e not in keep[g.name]] for g in groups}
-        remove_experts(model, coupling, keep)
         results["estimators"][name] = {
             "found_redundant": round(sum(found(r, pairs) for r in removed.values()) / len(removed), 3),
-            "perplexity": ppl(model), "removed_layer0": removed[groups[0].name]}
+            "removed_layer0": removed[groups[0].name], "methods": removal_rows(keep)}
         write(results, args.out)  # partial results survive an interrupted run
     randoms = []
     for seed in range(args.random_seeds):
-        model = copy.deepcopy(moe)
-        coupling = build_coupling(model)
         rng = random.Random(seed)
-        keep = {g.name: sorted(rng.sample(range(g.size), keep_count)) for g in coupling.of_kind(GroupKind.EXPERTS)}
-        removed = [[e for e in range(g.size) if e not in keep[g.name]] for g in coupling.of_kind(GroupKind.EXPERTS)]
-        remove_experts(model, coupling, keep)
+        keep = {g.name: sorted(rng.sample(range(g.size), keep_count)) for g in groups}
+        removed = [[e for e in range(g.size) if e not in keep[g.name]] for g in groups]
         randoms.append({"found_redundant": round(sum(found(r, pairs) for r in removed) / len(removed), 3),
-                        "perplexity": ppl(model)})
-    results["estimators"]["random"] = {"runs": randoms}
+                        "methods": removal_rows(keep)})
+        results["estimators"]["random"] = {"runs": randoms}
+        write(results, args.out)
     results["seconds"] = round(time.time() - start, 1)
     print(json.dumps(results, indent=1))
     write(results, args.out)

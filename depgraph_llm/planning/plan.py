@@ -38,6 +38,8 @@ class PrunePlan:
     reconstruct: str = "none"
     reconstruct_mode: str = ""
     reconstruct_report: dict = field(default_factory=dict)
+    expert_reconstruct: str = "drop"  # routed experts removed: drop / router refit / merge (recovery/experts.py)
+    expert_reconstruct_report: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
     chosen_by: dict[str, str] = field(default_factory=dict)  # group -> what re-chose its units, if not `estimator`
     calibration: dict = field(default_factory=dict)  # the calibration source and windows digest (replay.py)
