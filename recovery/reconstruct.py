@@ -14,6 +14,7 @@ style: each layer is fitted to the inputs it will actually see once the layers b
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.planning.plan import PrunePlan, axis_masks
 from depgraph_llm.layers import InMemorySource, LayerCallback, LayerPipeline, LayerStep
 from depgraph_llm.layers.callbacks import Recorder
+from .head_obs import nested_head_columns, obs_select_per_block
 from .solvers import bias_correction, kept_block, obs_select, ridge, solve_damped
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class _Consumer:
     keep: torch.Tensor                      # bool over input columns
     group: str | None = None                # group whose units OBS may re-choose
     units: list[torch.Tensor] | None = None  # input columns of each unit of that group
+    blocks: list[int] | None = None          # query heads nested in KV groups: each unit's KV group
     stats: _Stats = field(default_factory=_Stats)
 
 
@@ -150,8 +153,23 @@ def _consumers(modules: dict[str, nn.Module], touching: dict[tuple[str, int], li
                     GroupKind.CHANNELS, GroupKind.HEADS):
                 consumer.group = group.name
                 consumer.units = [s.unit_indices(u) for u in range(group.size)]
+        if reselect and consumer.group is None and (nested := _nested_heads(owners)) is not None:
+            consumer.group, consumer.units, consumer.blocks = nested
         consumers.append(consumer)
     return consumers
+
+
+def _nested_heads(owners: list) -> tuple[str, list[torch.Tensor], list[int]] | None:
+    """(nested group, columns of each query head, KV group of each) when the consumer's inputs run over query
+    heads nested in KV groups (o_proj under grouped-query attention); else None."""
+    nested = [(group, g, s) for group, g, s in owners if g is not group]
+    if len(owners) != 2 or len(nested) != 1:
+        return None
+    group, g, s = nested[0]
+    if group.kind != GroupKind.HEADS or g.size < 2 or group.queries_per_unit != 1 or s.outer is None:
+        return None
+    units, blocks = nested_head_columns(s, group.size, g.size)
+    return g.name, units, blocks
 
 
 class Reconstruction(LayerCallback):
@@ -296,6 +314,8 @@ OBS_CHOOSER = "obs-reconstruction"  # what PrunePlan.chosen_by records for units
 
 def _obs_keep(consumer: _Consumer, weight, gram, damp: float, plan: PrunePlan) -> torch.Tensor:
     """Replace the plan's choice of units for the consumer's group by the OBS choice of the same count."""
+    if consumer.blocks is not None:
+        return _obs_keep_nested(consumer, weight, gram, damp, plan)
     units = consumer.units
     n_remove = sum(1 for cols in units if not bool(consumer.keep[cols].all()))
     removed = set(obs_select(weight, gram, units, n_remove, damp))
@@ -305,4 +325,23 @@ def _obs_keep(consumer: _Consumer, weight, gram, damp: float, plan: PrunePlan) -
     keep = torch.zeros_like(consumer.keep)
     for u in kept_units:
         keep[units[u]] = True
+    return keep
+
+
+def _obs_keep_nested(consumer: _Consumer, weight, gram, damp: float, plan: PrunePlan) -> torch.Tensor:
+    """Query heads nested in KV groups: the OBS choice of the same number of heads in every KV group (the
+    planner's choice stays when whole KV groups go too)."""
+    units, blocks = consumer.units, consumer.blocks
+    sizes = Counter(blocks)
+    quota = Counter(blocks[u] for u, cols in enumerate(units) if not bool(consumer.keep[cols].all()))
+    if any(quota[b] >= sizes[b] for b in quota):
+        return consumer.keep
+    removed = set(obs_select_per_block(weight, gram, units, blocks, dict(quota), damp))
+    per_group = sizes[blocks[0]]
+    plan.keep_nested[consumer.group] = [[j for j in range(per_group) if g * per_group + j not in removed]
+                                        for g in range(len(sizes))]
+    plan.chosen_by[consumer.group] = OBS_CHOOSER
+    keep = consumer.keep.clone()
+    for u, cols in enumerate(units):
+        keep[cols] = u not in removed
     return keep
