@@ -63,6 +63,9 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streaming", action="store_true", help="one decoder layer in memory at a time, read from "
                         "the safetensors shards and written out as soon as it is final (chosen by itself when the "
                         "model would not fit in memory)")
+    parser.add_argument("--in-memory", action="store_true", help="load the whole float32 model even when it "
+                        "looks too big for memory (by default such a model is streamed); running out of memory "
+                        "then ends in a one-line error")
     parser.add_argument("--dtype", default="auto", help="what streamed layers compute in: auto (the checkpoint's "
                         "own), float32, bfloat16 or float16; statistics and solves stay float64, the output keeps "
                         "the source dtype")
@@ -130,7 +133,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         vocab_keep=args.vocab_keep, experts_keep=args.experts_keep, expert_ratio=args.expert_ratio,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code, streaming=args.streaming, dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code, streaming=args.streaming, in_memory=args.in_memory, dtype=args.dtype,
         device=args.device, activation_budget_mb=args.activation_budget_mb)
     if args.recover and not args.dry_run:
         from depgraph_llm.recover_cli import cmd_prune_and_recover
@@ -224,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - an allocation failure anywhere becomes one line with the fix
+        from depgraph_llm.stage_memory import is_out_of_memory, out_of_memory_message
+
+        if args.debug or not is_out_of_memory(exc):
+            raise
+        print(f"error: {out_of_memory_message(exc, streaming=bool(getattr(args, 'streaming', False)))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written to the output folder", file=sys.stderr)

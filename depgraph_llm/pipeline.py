@@ -119,6 +119,7 @@ class PruneOptions:
     dtype: str = "auto"  # what the streamed layers compute in ("auto": the checkpoint's own)
     device: str | None = None  # streamed layers visit this device in turn (e.g. "cuda"); the rest stays on the CPU
     activation_budget_mb: int | None = None  # streamed calibration activations beyond this go to disk
+    in_memory: bool = False  # the whole float32 model even when it would not fit (no automatic streaming)
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -257,7 +258,9 @@ def run_prune(options: PruneOptions) -> PruneResult:
     model_path = resolve_model_path(options.model)
     out = Path(options.out) if options.out else default_out_dir(model_path, options.ratio)
     check_output_dir(out, options.overwrite, sources=(options.model, model_path))
-    if options.streaming or options.device is not None or would_not_fit(model_path):
+    if options.in_memory and (options.streaming or options.device is not None):
+        raise UserError("--in-memory loads the whole model; it cannot be combined with --streaming or --device")
+    if options.streaming or options.device is not None or (not options.in_memory and would_not_fit(model_path)):
         if not options.streaming:
             log.warning("%s would not fit in memory in float32: pruning it one decoder layer at a time (streaming)",
                         model_path)

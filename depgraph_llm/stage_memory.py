@@ -1,7 +1,9 @@
 """Peak resident memory per stage of a job: the kernel's high-water mark (VmHWM), reset when a stage starts
-(Linux /proc/self/clear_refs), so each stage's peak is its own; elsewhere the process-wide ru_maxrss."""
+(Linux /proc/self/clear_refs), so each stage's peak is its own; elsewhere the process-wide ru_maxrss. Also: free
+heap pages given back between layers, and allocation failures recognised (for a one-line error)."""
 from __future__ import annotations
 
+import errno
 import resource
 from pathlib import Path
 
@@ -55,3 +57,24 @@ def release_free_heap() -> None:
     after 32 layers at Llama-3.1-8B widths."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: MemoryError, torch's CPU allocator ("can't allocate memory"), ENOMEM from mmap or
+    read, or a device out of memory."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "Cannot allocate memory" in text or "out of memory" in text.lower()
+
+
+def out_of_memory_message(exc: BaseException, streaming: bool) -> str:
+    """The one-line error for an allocation failure, with the peak it reached and what to do instead."""
+    reached = f"out of memory after reaching {process_peak_rss() / 1e9:.1f} GB resident"
+    detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+    detail = detail.split("DefaultCPUAllocator: ")[-1][:120]
+    if streaming:
+        return (f"{reached} ({detail}); lower --calibration-samples / --seq-len, or keep activations on disk with "
+                "--activation-budget-mb")
+    return (f"{reached} ({detail}); the in-memory path holds the whole float32 model: prune with --streaming "
+            "(one decoder layer in memory at a time)")

@@ -180,6 +180,10 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code, use_safetensors=True)
     except Exception as exc:  # noqa: BLE001 - safetensors/transformers raise many types for bad files
+        from depgraph_llm.stage_memory import is_out_of_memory
+
+        if is_out_of_memory(exc):  # not a bad file: the CLI says how to prune it without loading it whole
+            raise
         raise UserError(f"cannot load weights from {path}: {str(exc).splitlines()[0][:200]}; "
                         "the checkpoint must contain complete .safetensors files")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
