@@ -1,6 +1,7 @@
 """The prune job: load -> trace/couple -> score -> plan -> apply -> evaluate -> save. One function per stage."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -556,11 +557,11 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     coupling = couple_or_explain(loaded)
     plan.check_against(coupling, loaded.config.model_type)
     if calibration:
-        recorded = {name: list(units) for name, units in plan.keep.items()}
+        recorded = json.dumps([plan.keep, plan.keep_nested], sort_keys=True)
         options = PruneOptions(model=str(model_path), ratio=plan.ratio_requested, reconstruct=plan.reconstruct,
                                reconstruct_mode=plan.reconstruct_mode, show_progress=False)
         apply_in_memory(loaded, coupling, plan, calibration, options, timer)
-        if plan.keep != recorded:
+        if json.dumps([plan.keep, plan.keep_nested], sort_keys=True) != recorded:
             raise UserError(f"replaying {plan_path} chose other units than it records (another torch version or "
                             "thread count changes the refit's arithmetic); rerun `prune` instead of `apply`")
     else:

@@ -24,18 +24,21 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("recipe", [dict(reconstruct="obs"), dict(reconstruct="ls", reconstruct_mode="local"),
-                                    dict(reconstruct="obs", calibration="self")])
+                                    dict(reconstruct="obs", calibration="self"),
+                                    dict(reconstruct="obs", head_ratio=0.5)])  # OBS re-chooses query heads too
 def test_apply_reproduces_a_reconstructed_prune_byte_for_byte(tiny_checkpoint, tmp_path, recipe):
     recipe = {"calibration": str(LICENCE), **recipe}
     _prune(tiny_checkpoint, tmp_path / "pruned", **recipe)
     plan = json.loads((tmp_path / "pruned" / "prune_plan.json").read_text())
     assert plan["reconstruct"] == recipe["reconstruct"] and plan["calibration"]["windows_sha256"]
+    if "head_ratio" in recipe:
+        assert any(name.endswith("query_per_kv") for name in plan["chosen_by"]), plan["chosen_by"]
     run_apply(tmp_path / "pruned" / "prune_plan.json", str(tiny_checkpoint), tmp_path / "replayed")
     pruned, replayed = _weights(tmp_path / "pruned"), _weights(tmp_path / "replayed")
     assert pruned.keys() == replayed.keys()
     assert all(torch.equal(pruned[n], replayed[n]) for n in pruned)
     unrefitted = tmp_path / "plain"  # the oracle is not trivial: without the refit the weights differ
-    _prune(tiny_checkpoint, unrefitted, calibration=str(LICENCE), reconstruct="none")
+    _prune(tiny_checkpoint, unrefitted, **{**recipe, "reconstruct": "none", "reconstruct_mode": "sequential"})
     plain = _weights(unrefitted)
     assert any(not torch.equal(pruned[n], plain[n]) for n in pruned if plain.get(n) is not None
                and plain[n].shape == pruned[n].shape)
