@@ -38,7 +38,7 @@ from depgraph_llm.streaming import run_prune_streaming, would_not_fit
 from depgraph_llm.stage_memory import peak_rss, reset_peak
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.importance.depth import angular_distance, angular_distances, block_influence
-from depgraph_llm.planning.schedules import NONUNIFORM, plan_nonuniform
+from depgraph_llm.planning.schedules import NONUNIFORM, REDISTRIBUTED, plan_nonuniform
 from depgraph_llm.planning.vocab import kept_token_ids, prune_tokenizer_files
 from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
 from depgraph_llm.planning.experts import moe_report
@@ -440,11 +440,11 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
             head_keep = {name: len(units) for name, units in keep.items()
                          if name in {g.name for g in coupling.of_kind(GroupKind.HEADS)}}
             head_keep.update({name: len(rows[0]) for name, rows in keep_nested.items()})
-            hidden = {g.name for g in coupling.of_kind(GroupKind.HIDDEN)}
-            fixed = {k: v for k, v in keep.items() if k in head_keep or k in hidden}
+            redistributed = {g.name for g in coupling.groups if g.kind in REDISTRIBUTED}
+            fixed = {k: v for k, v in keep.items() if k not in redistributed}  # heads, hidden, experts, vocab
             mlp_keep, params_after = plan_nonuniform(coupling, counter, scores, ratio, width_step, schedule_name,
-                                                     {**head_keep, **{k: len(v) for k, v in fixed.items()
-                                                                      if k in hidden}}, params_before)
+                                                     {**{k: len(v) for k, v in fixed.items()}, **head_keep},
+                                                     params_before)
             keep = {**fixed, **mlp_keep}
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
                      schedule=f"depth-{depth_metric}" if schedule == "depth" else schedule, seed=seed,

@@ -148,9 +148,11 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     def pruned(g: Group) -> bool:
         return g.layer is not None and g.layer not in gone and start <= g.layer < stop
 
-    # in a mixture of experts the routed experts' shared width is the MLP width searched (a shared expert keeps its own)
-    mlp = [g for g in coupling.of_kind(GroupKind.EXPERT_CHANNELS) if pruned(g)] or [
-        g for g in coupling.of_kind(GroupKind.CHANNELS) if pruned(g)]
+    # in a mixture of experts the routed experts' shared width is the MLP width searched; ordinary MLP channel groups
+    # beside it (Qwen2-MoE's shared expert) lose the same fraction of their own width (`proportional_widths`)
+    mlp = [g for g in coupling.of_kind(GroupKind.EXPERT_CHANNELS) if pruned(g)]
+    beside = [g for g in coupling.of_kind(GroupKind.CHANNELS) if pruned(g)] if mlp else []
+    mlp = mlp or [g for g in coupling.of_kind(GroupKind.CHANNELS) if pruned(g)]
     heads = [g for g in coupling.of_kind(GroupKind.HEADS) if pruned(g)]
     if not mlp and not heads:
         raise UserError("this model has no prunable MLP channels or attention heads in the chosen layers; "
@@ -175,7 +177,8 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
             if not allocation.accepts(widths_heads, q_total):
                 continue
             kept = {**base_keep, **_head_counts(heads, kv, q)}
-            width, params_after = _search_mlp(counter, mlp, mlp_size, round_to, kept, target, fixed_mlp)
+            width, params_after = _search_mlp(counter, mlp, mlp_size, round_to, kept, target, fixed_mlp,
+                                              lambda w: proportional_widths(beside, w, mlp_size, round_to))
             widths = Widths(width, kv, q)
             achieved = 1.0 - params_after / total
             if loss_scaled:
@@ -198,6 +201,9 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     widths, params_after = valid[0][3], valid[0][4]
     log.info("uniform widths: %s", widths)
     keep, keep_nested = select_units(mlp, heads, scores, widths)
+    if widths.mlp is not None:
+        keep.update({name: top_k(scores[name], count)
+                     for name, count in proportional_widths(beside, widths.mlp, mlp_size, round_to).items()})
     for name, count in base_keep.items():
         keep[name] = list(allocation.vocab_ids) if name in vocab_groups else top_k(scores[name], count)
     return keep, keep_nested, params_after
@@ -247,14 +253,24 @@ def _head_counts(heads: list[Group], kv: int | None, q: int | None) -> dict[str,
     return kept
 
 
-def _search_mlp(counter, mlp, mlp_size, round_to, kept, target, fixed: int | None = None) -> tuple[int | None, int]:
-    """Binary search the uniform MLP width whose parameter count is closest to target (or take `fixed`)."""
+def proportional_widths(groups: list[Group], width: int, size: int, round_to: int) -> dict[str, int]:
+    """Kept widths of `groups` that remove the fraction of their own width that `width` of `size` removes (rounded
+    to a multiple of round_to, at least one step, at most the group); only the groups that shrink."""
+    step = max(1, round_to)
+    widths = {g.name: int(min(g.size, max(step, step * round(g.size * width / size / step)))) for g in groups}
+    return {name: w for name, w in widths.items() if w < next(g.size for g in groups if g.name == name)}
+
+
+def _search_mlp(counter, mlp, mlp_size, round_to, kept, target, fixed: int | None = None,
+                beside: Callable[[int], dict[str, int]] = lambda width: {}) -> tuple[int | None, int]:
+    """Binary search the uniform MLP width whose parameter count is closest to target (or take `fixed`); `beside`
+    gives the widths of other channel groups that follow it."""
     if not mlp:
         return None, counter.count(kept)
     candidates = [fixed] if fixed is not None else width_candidates(mlp_size, round_to)
 
     def params(width: int) -> int:
-        return counter.count({**kept, **{g.name: width for g in mlp}})
+        return counter.count({**kept, **{g.name: width for g in mlp}, **beside(width)})
 
     lo, hi = 0, len(candidates) - 1
     while lo < hi:  # first width whose count reaches the target

@@ -6,6 +6,9 @@ Both start from the uniform plan's head counts (attention stays uniform) and red
 - "log-increase": the removed fraction grows with depth as log(layer + 2) (SlimGPT's non-uniform schedule:
   early layers are kept wider because errors made there propagate through every later layer).
 The total removed fraction still hits --ratio within the tolerance; widths are multiples of --round-to.
+In a mixture of experts the redistributed widths are the routed experts' shared width of each layer
+(`expert_channels`) and any ordinary MLP beside it (Qwen2-MoE's shared expert), each on its own size; the
+expert counts stay as planned.
 """
 from __future__ import annotations
 
@@ -28,8 +31,12 @@ def _round_width(width: float, size: int, round_to: int) -> int:
     return int(min(size, max(step, step * round(width / step))))
 
 
-def _widths_log_increase(sizes: list[int], scale: float, round_to: int) -> list[int]:
-    weights = [math.log(i + 2) for i in range(len(sizes))]
+REDISTRIBUTED = (GroupKind.CHANNELS, GroupKind.EXPERT_CHANNELS)
+
+
+def _widths_log_increase(sizes: list[int], positions: list[int], scale: float, round_to: int) -> list[int]:
+    """Widths whose removed fraction grows as log(position + 2) (position: the layer's rank among pruned layers)."""
+    weights = [math.log(i + 2) for i in positions]
     mean = sum(weights) / len(weights)
     return [_round_width(size * (1 - min(MAX_LAYER_REMOVAL, scale * w / mean)), size, round_to)
             for size, w in zip(sizes, weights)]
@@ -49,15 +56,17 @@ def plan_nonuniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict
                     reference: int) -> tuple[dict[str, list[int]], int]:
     """Per-layer MLP keep lists for `schedule`, given the head counts kept; returns (keep, params_after)."""
     gone = counter.removed_layers
-    mlp = sorted((g for g in coupling.of_kind(GroupKind.CHANNELS) if g.layer is not None and g.layer not in gone),
-                 key=lambda g: g.layer)
+    mlp = sorted((g for g in coupling.groups if g.kind in REDISTRIBUTED and g.layer is not None
+                  and g.layer not in gone), key=lambda g: (g.layer, g.kind.value))
     if not mlp:
         raise UserError(f"--schedule {schedule} redistributes MLP channels, and this model has none; use uniform")
     target = reference * (1.0 - ratio)
     sizes = [g.size for g in mlp]
+    layers = sorted({g.layer for g in mlp})
+    positions = [layers.index(g.layer) for g in mlp]
     if schedule == "log-increase":
-        make: Callable[[float], list[int]] = lambda s: _widths_log_increase(sizes, s, round_to)
-        mean_weight = sum(math.log(i + 2) for i in range(len(sizes))) / len(sizes)
+        make: Callable[[float], list[int]] = lambda s: _widths_log_increase(sizes, positions, s, round_to)
+        mean_weight = sum(math.log(i + 2) for i in positions) / len(positions)
         lo, hi = 0.0, mean_weight / math.log(2)  # at hi every layer is cut to the MAX_LAYER_REMOVAL cap
     else:
         normalised = [scores[g.name] / scores[g.name].mean().clamp_min(1e-30) for g in mlp]
