@@ -82,27 +82,33 @@ def predict_peak(config, options, source_bytes_per_element: int, total_params: i
         terms["logits_fp32"] = max(tokens, 1) // options.calibration_samples * vocab * 4 * 2
         return MemoryPrediction("in-memory", terms)
     terms = {"runtime": RUNTIME_BYTES}
-    layer = {"one_layer_loaded_and_sliced": 2 * per_layer * compute,
-             "calibration_stream": 3 * tokens * hidden * compute,
-             "widest_activation": 3 * options.seq_len * intermediate * compute,
-             "logits_one_window_fp32": 2 * options.seq_len * vocab * 4}
-    # the parameters outside the layers are parked on disk while the layers run (layers/pipeline.py), and are
-    # resident when the embedding / head matrix is scored (one float32 element-score buffer plus its row blocks,
-    # importance/chunked.py) and when they are written at the end
-    scoring = {**layer, "outside_layers": outside * compute,
-               "largest_outside_scores_fp32": vocab * hidden * 4 + 3 * CHUNK_ELEMENTS * 4}
+    stream = {"calibration_stream": 3 * tokens * hidden * compute,
+              "widest_activation": 3 * options.seq_len * intermediate * compute}
+    layer = {"one_layer_loaded_and_sliced": 2 * per_layer * compute, **stream}
+    pending = {"pending_output_shard": min(MAX_SHARD_BYTES, total_params * source_bytes_per_element)}
+    # the layer loop: the parameters outside the layers are parked on disk (layers/pipeline.py), except on the
+    # gradient path, which keeps them for the backward
+    scoring = {**layer, "logits_one_window_fp32": 2 * options.seq_len * vocab * 4}
     if estimator.name == "obs":
         scoring["hessians_fp64"] = (intermediate ** 2 + 2 * hidden ** 2) * 8
     if estimator.needs_gradients or estimator.name == "fisher":
         scoring["stored_layer_inputs"] = layers * tokens * hidden * compute
         scoring["embedding_gradient_fp32"] = vocab * hidden * 4 + per_layer * 4
-    writing = {**layer, "pending_output_shard": min(MAX_SHARD_BYTES, total_params * source_bytes_per_element)}
+        scoring["outside_layers"] = outside * compute
+    # after the loop: the embedding / head matrix scored into one float32 element-score buffer, a block of rows at
+    # a time (importance/chunked.py)
+    outside_scoring = {"outside_layers": outside * compute,
+                       "largest_outside_scores_fp32": vocab * hidden * 4 + 3 * CHUNK_ELEMENTS * 4}
+    # reconstruction solves before the sink slices the layer (the Grams are gone by then): the larger phase counts
+    writing = {**layer, **pending}
     if options.reconstruct != "none":
-        writing["grams_and_solve_fp64"] = solve_bytes(config, options.ratio)
+        solving = {"one_layer_loaded": per_layer * compute, **stream, **pending,
+                   "grams_and_solve_fp64": solve_bytes(config, options.ratio)}
+        writing = max(writing, solving, key=lambda t: sum(t.values()))
     final = {"outside_layers": outside * compute,
-             "pending_output_shard": max(min(MAX_SHARD_BYTES, total_params * source_bytes_per_element),
-                                         vocab * hidden * source_bytes_per_element)}
-    stages = {"importance": scoring, "reconstruct_and_write": writing, "final_write": final}
+             "pending_output_shard": max(pending["pending_output_shard"], vocab * hidden * source_bytes_per_element)}
+    stages = {"importance": scoring, "importance_outside_scores": outside_scoring, "reconstruct_and_write": writing,
+              "final_write": final}
     if eval_tokens:
         stages["perplexity"] = {**layer, "outside_layers": outside * compute,
                                 "evaluation_stream": 3 * eval_tokens * hidden * compute}

@@ -72,7 +72,7 @@ def out_of_memory_message(exc: BaseException, streaming: bool) -> str:
     """The one-line error for an allocation failure, with the peak it reached and what to do instead."""
     reached = f"out of memory after reaching {process_peak_rss() / 1e9:.1f} GB resident"
     detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-    detail = detail.split("DefaultCPUAllocator: ")[-1][:120]
+    detail = detail.split("DefaultCPUAllocator: ")[-1][:200]
     if streaming:
         return (f"{reached} ({detail}); lower --calibration-samples / --seq-len, or keep activations on disk with "
                 "--activation-budget-mb")

@@ -2,7 +2,7 @@
 (or the in-memory one) in a child process; record wall time, the child's peak RSS, the per-stage peaks from
 prune_report.json and the output checkpoint's size.
 
-    python scripts/bench_scale.py MODEL_DIR OUT_DIR [--in-memory] [-- extra prune.py arguments]
+    python scripts/bench_scale.py MODEL_DIR OUT_DIR [--in-memory] [--address-space-gb G] [-- prune.py arguments]
 
 Appends one row to docs/results/bench-scale/results.json (or --results)."""
 from __future__ import annotations
@@ -25,15 +25,19 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run(model: Path, out: Path, in_memory: bool, extra: list[str], timeout: int) -> dict:
-    """One prune in a child process, measured from outside."""
-    command = [sys.executable, str(ROOT / "prune.py"), "--model", str(model), "--out", str(out), *extra]
-    if not in_memory:
-        command.append("--streaming")
+def run(model: Path, out: Path, in_memory: bool, extra: list[str], timeout: int,
+        address_space_gb: float | None = None) -> dict:
+    """One prune in a child process, measured from outside (under an address-space limit when asked, so that an
+    in-memory run too big for the machine fails alone instead of taking the machine down)."""
+    command = [sys.executable, str(ROOT / "prune.py"), "--model", str(model), "--out", str(out), *extra,
+               "--in-memory" if in_memory else "--streaming"]
+    if address_space_gb is not None:
+        command = ["prlimit", f"--as={int(address_space_gb * 2 ** 30)}", *command]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - start
-    row = {"model": str(model), "path": "in-memory" if in_memory else "streaming", "command": " ".join(command[1:]),
+    row = {"model": str(model), "path": "in-memory" if in_memory else "streaming",
+           "command": " ".join(command[1:] if address_space_gb is None else [command[0], command[1], *command[3:]]),
            "returncode": result.returncode, "wall_s": round(wall, 1),
            # the child resets its high-water mark at every stage, so this is the peak after the last reset; the
            # run's peak is the largest of peak_rss_by_stage_bytes (peak_rss_bytes below)
@@ -57,10 +61,11 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--in-memory", action="store_true", help="the in-memory path instead of --streaming")
     parser.add_argument("--timeout", type=int, default=6 * 3600)
+    parser.add_argument("--address-space-gb", type=float, help="run the child under prlimit --as (GiB)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    row = run(args.model, args.out, args.in_memory, extra, args.timeout)
+    row = run(args.model, args.out, args.in_memory, extra, args.timeout, args.address_space_gb)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.results.read_text()) if args.results.is_file() else []
     rows.append(row)
