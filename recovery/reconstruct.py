@@ -197,6 +197,8 @@ class Reconstruction(LayerCallback):
             return
         modules = {f"{step.name}.{name}" if name else step.name: m for name, m in step.layer.named_modules()}
         self._consumers = _consumers(modules, self.touching, f"{step.name}.", self.masks, self.method == "obs")
+        order = list(modules)  # registration order, which is the order a decoder layer runs them in
+        self._consumers.sort(key=lambda c: order.index(c.name))
         for c in self._consumers:
             self._recorder.inputs(c.module, c.stats.add_x)
 
@@ -204,7 +206,9 @@ class Reconstruction(LayerCallback):
         self._recorder.close()
         if step.index in self.removed:
             return
-        for consumer in self._consumers:
+        for position, consumer in enumerate(self._consumers):
+            if position and self.mode == "sequential":
+                self.restat(step, self._consumers[position:])
             before, after = _solve(consumer, self.method, self.damp, self.plan)
             self._errors_before.append(before)
             self._errors_after.append(after)
@@ -214,6 +218,15 @@ class Reconstruction(LayerCallback):
         self._consumers = []
         if self.mode == "sequential":  # the next layer sees what the reconstructed (pruned) layer computes
             step.next_stream = step.rerun()
+
+    def restat(self, step: LayerStep, consumers: list[_Consumer]) -> None:
+        """Sequential mode, made exact: the statistics of the consumers still to solve, gathered again once the
+        ones before them are refitted (down_proj sees the inputs the refitted o_proj gives, not the dense ones)."""
+        for consumer in consumers:
+            consumer.stats = _Stats()
+            self._recorder.inputs(consumer.module, consumer.stats.add_x)
+        step.rerun()
+        self._recorder.close()
 
     def finish(self) -> None:
         if self._errors_before:

@@ -60,11 +60,23 @@ def fingerprint(model, plan) -> dict[str, str]:
     for name, tensor in model.state_dict().items():
         weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         weights.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    config = model.config.to_dict()
+    config = _as_serialised_at_the_oracle(model.config.to_dict())
     config.pop("transformers_version", None)
     return {"plan": hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest(),
             "weights": weights.hexdigest(),
             "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()}
+
+
+def _as_serialised_at_the_oracle(config: dict) -> dict:
+    """Per-layer configs as they were serialised when the oracle was written (model_type `depgraph_<base>`, the
+    map under `per_layer_config`, the global-access opt-in saved); the checkpoint format changed since."""
+    if "depgraph_per_layer_config" not in config:
+        return config
+    config = dict(config)
+    config["per_layer_config"] = config.pop("depgraph_per_layer_config")
+    config["model_type"] = "depgraph_" + config["model_type"]
+    config["allow_global_per_layer_attribute_access"] = True
+    return config
 
 
 def run_case(name: str, prune) -> dict[str, str]:
