@@ -12,14 +12,15 @@ Removing experts sends the tokens that used them elsewhere. Three registered way
   over the kept rows, solved as a ridge-damped correction to the dense rows (a never-routed removed expert adds
   exp(-huge) to its cluster: a zero target correction, so the dense rows come back bit for bit).
   Removed experts join clusters greedily, most similar first, each only where the layer's routed-output error on
-  the calibration tokens falls (the dense layer's output on the same inputs is the target).
+  held-out calibration tokens (the last quarter, not fitted) falls (the dense layer's output on the same inputs
+  is the target).
 - `merge`: MC-SMoE-style: each kept expert's weights become the routing-frequency-weighted average of its
   cluster's (members the router never picks on calibration add nothing), then the router refit above.
 
 The solve works the same for Mixtral (softmax over the top-k), Qwen2-MoE and Qwen3-MoE (softmax, then top-k,
 `norm_topk_prob` on or off): only the logits are fitted, and the model's own routing runs on them. By the
-greedy acceptance the result is never worse than drop-only on the calibration tokens (a layer where no removed
-expert helps stays drop-only). The report gives both errors per layer.
+greedy acceptance the result is never worse than drop-only on the held-out calibration tokens (a layer where no
+removed expert helps stays drop-only). The report gives both errors per layer.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from depgraph_llm.importance.experts import MAX_TOKENS, route, routing_frequency
 from depgraph_llm.layers import LayerCallback, LayerStep
 from depgraph_llm.planning.plan import PrunePlan
 
-RIDGE = 1e-6  # relative to the mean diagonal of X^T X
+RIDGE = 1e-4  # relative to the mean diagonal of X^T X: shrinks the correction towards the dense rows
+HELD_OUT = 4  # the last 1/HELD_OUT of a layer's calibration tokens judge each join; the rest are fitted
 
 
 # ---- the math, as pure functions on tensors ----------------------------------------------------------------
@@ -173,6 +175,15 @@ class _Saved:
             block.router.bias.copy_(self.bias)
 
 
+def split_tokens(count: int, held_out: int = HELD_OUT) -> tuple[slice, slice]:
+    """(fitted, judged) token ranges: the last count // held_out tokens are held out (all tokens both ways when
+    fewer than 2 * held_out): a router fit to as many tokens as hidden channels would interpolate them."""
+    if count < 2 * held_out:
+        return slice(0, count), slice(0, count)
+    cut = count - count // held_out
+    return slice(0, cut), slice(cut, count)
+
+
 def _apply_clusters(block: MoEBlock, saved: _Saved, x: torch.Tensor, dense_logits: torch.Tensor,
                     clusters: dict[int, list[int]], frequency: torch.Tensor, merge: bool, ridge: float) -> None:
     """From the drop-only state: merge each cluster into its kept expert (with `merge`), refit the kept rows."""
@@ -197,13 +208,16 @@ def reconstruct_block(block: MoEBlock, x: torch.Tensor, kept: list[int], merge: 
                       ridge: float = RIDGE) -> LayerResult:
     """Refit (and with `merge`, merge into) the kept experts of `block` in place on inputs `x`. Removed experts
     join their nearest kept expert's cluster greedily, most similar first, each only if the routed-output error
-    on `x` falls; so the result is never worse than drop-only there. Removed experts stay in place (the slice
-    step drops them)."""
+    on the held-out tokens of `x` (`split_tokens`) falls; so the result is never worse than drop-only there.
+    Similarity, frequencies and the fit use the other tokens. Removed experts stay in place (the slice step
+    drops them); the errors reported are on the held-out tokens."""
     size = block.router.weight.shape[0]
     removed = [e for e in range(size) if e not in kept]
+    fitted, judged = split_tokens(len(x))
+    x, check = x[fitted], x[judged]
     dense_logits = block.logits(x)
-    reference = block.routed_output(x, dense_logits, frozenset())
-    drop_error = _relative(block.routed_output(x, dense_logits, frozenset(removed)), reference)
+    reference = block.routed_output(check, block.logits(check), frozenset())
+    drop_error = _relative(block.routed_output(check, block.logits(check), frozenset(removed)), reference)
     similarity = output_similarity([block.expert_output(x, r) for r in removed],
                                    [block.expert_output(x, e) for e in kept])
     nearest = assign_clusters(similarity, kept, removed)
@@ -215,7 +229,7 @@ def reconstruct_block(block: MoEBlock, x: torch.Tensor, kept: list[int], merge: 
         r = removed[row]
         trial = {e: members + [r] if e == partner[r] else list(members) for e, members in clusters.items()}
         _apply_clusters(block, saved, x, dense_logits, trial, frequency, merge, ridge)
-        error = _relative(block.routed_output(x, block.logits(x), frozenset(removed)), reference)
+        error = _relative(block.routed_output(check, block.logits(check), frozenset(removed)), reference)
         if error < best:
             clusters, best = trial, error
     joined = sum(len(m) - 1 for m in clusters.values())
