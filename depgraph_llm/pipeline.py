@@ -410,7 +410,9 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
     spec = spec_for(model.config.model_type)
     params_before = sum(p.numel() for p in model.parameters())
     if reconstruct == "bias":  # zero biases that the compensation will fill; the ratio stays relative to the source
-        enable_zero_biases(model, spec.bias_switches)
+        added = enable_zero_biases(model, spec.bias_switches)
+        if source is not None:  # a streamed layer gets them when it is read from the shards
+            source.zero_params.update(added)
     with timer("trace_and_couple"):
         coupling = couple_or_explain(model)
     torch.manual_seed(seed)

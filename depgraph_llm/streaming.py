@@ -86,9 +86,6 @@ def streamed_perplexity(source, tokenizer, text: str, seq_len: int = 512, max_to
 
 
 def _refuse_unsupported(options) -> None:
-    if options.reconstruct == "bias":
-        raise UserError("--reconstruct bias adds biases to the whole model, which the streaming path does not do; "
-                        "use --reconstruct ls or obs with --streaming")
     if options.calibration == "self":
         raise UserError("--calibration self generates text with the whole model; pass --calibration FILE with "
                         "--streaming")

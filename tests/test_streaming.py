@@ -55,6 +55,7 @@ CASES = {
     "layer-removed-obs": dict(importance="wanda-sp", layers_removed=1, reconstruct="obs"),
     "hidden": dict(importance="l1", hidden_ratio=0.25, reconstruct="none"),
     "heads-tp": dict(importance="wanda-sp", head_ratio=0.5, tp_size=2, reconstruct="ls"),
+    "flap-bias": dict(importance="flap", reconstruct="bias", reconstruct_mode="local"),  # zero biases added, filled
 }
 
 
@@ -105,11 +106,11 @@ def test_interrupted_streaming_run_leaves_nothing(checkpoint, tmp_path, monkeypa
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_streaming_refuses_bias_reconstruction_in_one_line(checkpoint, tmp_path):
+def test_streaming_refuses_self_calibration_in_one_line(checkpoint, tmp_path):
     from depgraph_llm.errors import UserError
 
-    with pytest.raises(UserError, match="--reconstruct ls or obs with --streaming"):
-        run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "x", streaming=True, reconstruct="bias",
+    with pytest.raises(UserError, match="pass --calibration FILE"):
+        run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "x", streaming=True, calibration="self",
                                **SMALL))
     assert not (tmp_path / "x").exists()
 

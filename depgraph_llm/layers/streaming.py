@@ -74,6 +74,7 @@ class StreamingSource:
         self.dtype = dtype or self.source_dtype
         self.device = device  # where layers are materialised (the rest of the model stays on the CPU)
         self.model = skeleton(self.folder, self.dtype, trust_remote_code)
+        self.zero_params: set[str] = set()  # parameters the job added (zero biases): made, not read from the shards
         self.layers_path = find_layers_path(self.model)
         self.layers: nn.ModuleList = self.model.get_submodule(self.layers_path)
         self.restore_outside()
@@ -104,7 +105,9 @@ class StreamingSource:
     def load(self, index: int) -> nn.Module:
         layer = self.layers[index]
         prefix = f"{self.layers_path}.{index}."
-        _assign(layer, {name: self._read(prefix + name).to(self.device or "cpu") for name, _ in layer.named_parameters()})
+        _assign(layer, {name: (torch.zeros(p.shape, dtype=self.dtype) if prefix + name in self.zero_params
+                               else self._read(prefix + name)).to(self.device or "cpu")
+                        for name, p in layer.named_parameters()})
         return layer
 
     def release(self, index: int, layer: nn.Module) -> None:
