@@ -11,7 +11,7 @@ import torch
 
 from depgraph_llm.graph.groups import Slice
 
-from .solvers import ridge
+from .solvers import block_saliency, damped_inverse, remove_columns
 
 
 def nested_head_columns(nested: Slice, kv_groups: int, per_group: int) -> tuple[list[torch.Tensor], list[int]]:
@@ -32,15 +32,15 @@ def obs_select_per_block(weight: torch.Tensor, gram: torch.Tensor, units: list[t
                          quota: dict[int, int], damp: float = 0.01) -> list[int]:
     """Indices of the units structured OBS removes when block b must lose exactly quota[b] of its units."""
     w = weight.double().clone()
-    h_inv = torch.linalg.inv(gram + ridge(gram, damp) * torch.eye(len(gram), dtype=gram.dtype))
+    h_inv = damped_inverse(gram, damp)
     owed = {b: n for b, n in quota.items() if n > 0}
     alive = list(range(len(units)))
     removed: list[int] = []
     while owed:
         candidates = [u for u in alive if blocks[u] in owed]
-        saliency = torch.stack([_saliency(w, h_inv, units[u]) for u in candidates])
+        saliency = torch.stack([block_saliency(w, h_inv, units[u]) for u in candidates])
         unit = candidates[int(torch.argmin(saliency))]
-        _remove_columns(w, h_inv, units[unit])
+        remove_columns(w, h_inv, units[unit])
         removed.append(unit)
         alive.remove(unit)
         owed[blocks[unit]] -= 1
@@ -48,17 +48,3 @@ def obs_select_per_block(weight: torch.Tensor, gram: torch.Tensor, units: list[t
             del owed[blocks[unit]]
     return removed
 
-
-def _saliency(w: torch.Tensor, h_inv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    w_u = w[:, cols]
-    return torch.trace(w_u @ torch.linalg.solve(h_inv[cols][:, cols], w_u.T))
-
-
-def _remove_columns(w: torch.Tensor, h_inv: torch.Tensor, cols: torch.Tensor) -> None:
-    """The exact OBS update of the remaining weights and of H^-1 when the columns `cols` are removed."""
-    block_inv = torch.linalg.inv(h_inv[cols][:, cols])
-    w -= w[:, cols] @ block_inv @ h_inv[cols]
-    h_inv -= h_inv[:, cols] @ block_inv @ h_inv[cols]
-    w[:, cols] = 0
-    h_inv[cols] = 0
-    h_inv[:, cols] = 0

@@ -81,21 +81,26 @@ def obs_select(weight: torch.Tensor, gram: torch.Tensor, units: list[torch.Tenso
             cols = torch.stack([units[u][0] for u in alive])
             saliency = (w[:, cols] ** 2).sum(0) / h_inv.diagonal()[cols]
         else:
-            saliency = torch.stack([_block_saliency(w, h_inv, units[u]) for u in alive])
+            saliency = torch.stack([block_saliency(w, h_inv, units[u]) for u in alive])
         order = torch.argsort(saliency, stable=True)[:take].tolist()
         chosen = [alive[i] for i in order]
-        cols = torch.cat([units[u] for u in chosen])
-        block_inv = torch.linalg.inv(h_inv[cols][:, cols])
-        w -= w[:, cols] @ block_inv @ h_inv[cols]
-        h_inv -= h_inv[:, cols] @ block_inv @ h_inv[cols]
-        w[:, cols] = 0
-        h_inv[cols] = 0
-        h_inv[:, cols] = 0
+        remove_columns(w, h_inv, torch.cat([units[u] for u in chosen]))
         removed.extend(chosen)
         alive = [u for u in alive if u not in set(chosen)]
     return removed
 
 
-def _block_saliency(w: torch.Tensor, h_inv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def remove_columns(w: torch.Tensor, h_inv: torch.Tensor, cols: torch.Tensor) -> None:
+    """The exact OBS update of the remaining weights and of H^-1, in place, when the columns `cols` go."""
+    block_inv = torch.linalg.inv(h_inv[cols][:, cols])
+    w -= w[:, cols] @ block_inv @ h_inv[cols]
+    h_inv -= h_inv[:, cols] @ block_inv @ h_inv[cols]
+    w[:, cols] = 0
+    h_inv[cols] = 0
+    h_inv[:, cols] = 0
+
+
+def block_saliency(w: torch.Tensor, h_inv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """tr(W_u (H^-1_uu)^-1 W_u^T): the output error OBS adds by removing the columns `cols`."""
     w_u = w[:, cols]
     return torch.trace(w_u @ torch.linalg.solve(h_inv[cols][:, cols], w_u.T))
