@@ -146,6 +146,9 @@ class PruneOptions:
                             "add --reconstruct none")
         parse_schedule(self.schedule)
         get_expert_method(self.expert_reconstruct)
+        if self.hidden_ratio and self.expert_reconstruct != "drop":
+            raise UserError(f"--hidden-ratio changes the routers' inputs, which --expert-reconstruct "
+                            f"{self.expert_reconstruct} cannot follow; add --expert-reconstruct drop")
         if self.reconstruct not in RECONSTRUCTIONS:
             raise UserError(f"--reconstruct {self.reconstruct!r} is not available; choose one of: "
                             f"{', '.join(RECONSTRUCTIONS)}")

@@ -373,6 +373,10 @@ def prepare_expert_reconstruction(coupling: CouplingGraph, plan: PrunePlan, batc
     callback = ExpertReconstruction(coupling, plan, method, sequential)
     if not callback.groups:
         return None
+    for group in coupling.of_kind(GroupKind.HIDDEN):  # the refitted rows would lose columns after the fit
+        if len(plan.keep.get(group.name, range(group.size))) < group.size:
+            raise UserError(f"--expert-reconstruct {method} cannot follow hidden pruning (the router's inputs "
+                            "change after the fit); use --expert-reconstruct drop")
     if not batches:
         raise UserError(f"--expert-reconstruct {method} needs calibration text; pass --calibration FILE or self")
     return callback

@@ -181,3 +181,17 @@ def test_methods_are_registered_and_unknown_ones_refused():
     assert list(EXPERT_METHODS) == ["drop", "router", "merge"] and get_method("drop").apply is None
     with pytest.raises(UserError, match="--expert-reconstruct 'average' is not available; choose one of: drop"):
         PruneOptions(expert_reconstruct="average").validate()
+
+
+def test_hidden_pruning_with_a_router_refit_is_refused_in_one_line():
+    """The refit rows would lose input columns after the fit: refused before anything changes."""
+    model = tiny_moe("mixtral")
+    coupling = build_coupling(model)
+    hidden = coupling.of_kind(GroupKind.HIDDEN)[0]
+    keep = {g.name: [0, 2, 3] for g in coupling.of_kind(GroupKind.EXPERTS)}
+    keep[hidden.name] = list(range(0, hidden.size, 2))
+    plan = PrunePlan("", "mixtral", "test", "uniform", 0, 0.1, 1, 1, 1, keep=keep)
+    from depgraph_llm.recovery.experts import prepare_expert_reconstruction
+
+    with pytest.raises(UserError, match="cannot follow hidden pruning"):
+        prepare_expert_reconstruction(coupling, plan, [torch.zeros(1, 4, dtype=torch.long)], "router")
