@@ -70,3 +70,25 @@ def test_every_group_of_a_tiny_model_scores_the_same_in_blocks(estimator, monkey
     assert sorted(whole) == sorted(blocks)
     for name in whole:
         assert torch.equal(whole[name], blocks[name]), name
+
+
+def test_layer_by_layer_gradient_scores_in_blocks_equal_whole(tmp_path, monkeypatch):
+    """The streamed Taylor path (importance/gradients.py) scores its embedding and layers in blocks too."""
+    from depgraph_llm.importance.gradients import layerwise_gradient_scores
+    from depgraph_llm.layers.streaming import StreamingSource
+    from tests.tiny import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "tiny", tie=True)
+    batches = [torch.randint(0, 150, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def scores():
+        source = StreamingSource(folder)
+        return layerwise_gradient_scores(source, build_coupling(source.model).groups, get_estimator("taylor"),
+                                         batches)
+
+    whole = scores()
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)
+    blocks = scores()
+    assert sorted(whole) == sorted(blocks)
+    for name in whole:
+        assert torch.equal(whole[name], blocks[name]), name

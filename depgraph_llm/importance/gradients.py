@@ -15,6 +15,7 @@ from depgraph_llm.layers.pipeline import _to, run_layer
 from depgraph_llm.layers.source import _Stop, capture_inputs, first_call, stubbed_layers, model_device, tail_forward
 
 from .base import Estimator, slices_by_param
+from .chunked import param_unit_scores
 
 
 def _layer_call(layer: nn.Module, hidden: torch.Tensor, call: tuple, device) -> torch.Tensor:
@@ -50,9 +51,10 @@ class _Contributions:
         self.units: dict[str, list[tuple[str, torch.Tensor]]] = {}
 
     def add_element_scores(self, name: str, param: torch.Tensor) -> None:
-        grad = None if param.grad is None else param.grad.detach().float()
-        element = self.estimator.element_scores(param.detach().float(), grad, None)
-        self.units[name] = [(g, s.unit_scores(element).double().cpu()) for g, s in self.by_param[name]]
+        """A block of rows at a time for large parameters (the embedding's float32 weight, gradient and scores are
+        not all copied whole), with the same bits (chunked.py)."""
+        self.units[name] = param_unit_scores(self.estimator.element_scores, param, param.grad, None,
+                                             self.by_param[name], self.estimator.row_wise)
 
     def totals(self) -> dict[str, torch.Tensor]:
         totals: dict[str, torch.Tensor] = {}
