@@ -34,8 +34,13 @@ def source_from_record(record: dict) -> CalibrationSource:
         raise UserError(f"the plan's calibration record names an unknown source {kind!r}; recreate it with `prune`")
     parts = []
     for part in record.get("parts", []):
-        rebuilt = (corpus_part(part["register"], part["part"]) if kind == "mixed"
-                   else file_source_of(part["files"]).parts[0])
+        try:
+            rebuilt = (corpus_part(part["register"], part["part"]) if kind == "mixed"
+                       else file_source_of(part["files"]).parts[0])
+        except (FileNotFoundError, KeyError, OSError, UserError) as exc:
+            where = part.get("register") if kind == "mixed" else ", ".join(part.get("files", [])[:3])
+            raise UserError(f"the plan's calibration text {where} is not on this machine ({exc}); run "
+                            "scripts/fetch_corpora.py or restore the files, or rerun `prune`") from exc
         if rebuilt.sha256 != part["sha256"]:
             where = part["register"] if kind == "mixed" else ", ".join(part["files"][:3])
             raise UserError(f"the calibration text {where} changed since the plan was made (sha256 "

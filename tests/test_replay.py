@@ -62,3 +62,12 @@ def test_apply_refuses_a_reconstructed_plan_without_a_calibration_record(tiny_ch
     plan_path.write_text(json.dumps(plan))
     with pytest.raises(UserError, match="no record of its calibration windows"):
         run_apply(plan_path, str(tiny_checkpoint), tmp_path / "replayed")
+
+
+def test_apply_refuses_calibration_text_that_is_gone(tiny_checkpoint, tmp_path):
+    text = tmp_path / "calibration.txt"
+    shutil.copy(LICENCE, text)
+    _prune(tiny_checkpoint, tmp_path / "pruned", calibration=str(text))
+    text.unlink()
+    with pytest.raises(UserError, match="not on this machine"):
+        run_apply(tmp_path / "pruned" / "prune_plan.json", str(tiny_checkpoint), tmp_path / "replayed")
