@@ -14,9 +14,12 @@ This file must import nothing but torch and transformers. `BASE_MODEL_TYPE` is r
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -27,6 +30,20 @@ PREFIX = "depgraph_"
 # global fields and fail or warn, so they must see a homogeneous config with the dense values.
 SAVED_KEY = "depgraph_per_layer_config"
 _CLASSES: dict[str, tuple[type, type]] = {}
+
+
+@contextlib.contextmanager
+def _global_reads_allowed():
+    """Silence transformers' warning that a global per-layer field is read: the stock validators and the stock
+    model's constructor read the dense values, which these classes allow on purpose (each layer is then rebuilt
+    from its own config)."""
+    heterogeneity_log = logging.get_logger("transformers.integrations.heterogeneity.configuration_utils")
+    level = heterogeneity_log.level
+    heterogeneity_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        heterogeneity_log.setLevel(level)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -77,7 +94,8 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
             self.__dict__["allow_global_per_layer_attribute_access"] = True
             if SAVED_KEY in kwargs:
                 kwargs["per_layer_config"] = kwargs.pop(SAVED_KEY)
-            super().__init__(**kwargs)
+            with _global_reads_allowed():
+                super().__init__(**kwargs)
             for index in range(self.num_hidden_layers if self.is_heterogeneous else 0):
                 layer = self.per_layer_config[index]
                 q = getattr(layer, "num_attention_heads", None)
@@ -95,7 +113,8 @@ def make_classes(base_model_type: str) -> tuple[type, type]:
         config_class = HeterogeneousConfig
 
         def __init__(self, config):
-            super().__init__(config)
+            with _global_reads_allowed():
+                super().__init__(config)
             rebuilt = bool(config.is_heterogeneous)
             if rebuilt:
                 layers = decoder_layers(self)

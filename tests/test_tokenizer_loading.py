@@ -1,5 +1,6 @@
 """Plain `AutoTokenizer.from_pretrained(dir)` on a per-layer checkpoint, as lm-eval and peft scripts do first: in a
-fresh process with stdin closed, it must neither prompt for remote code nor warn, and must tokenize.
+fresh process with stdin closed, it must neither prompt for remote code nor warn, and must tokenize; nor may
+`load_pruned` warn.
 
 transformers' AutoTokenizer builds the model config from config.json before it reads the tokenizer files, so the
 config must be one the stock classes read silently: the stock model_type, and the per-layer map under our own key
@@ -26,6 +27,11 @@ LOAD = textwrap.dedent("""
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
     print("IDS", tokenizer.encode("hello world"))
 """)
+LOAD_MODEL = textwrap.dedent("""
+    import sys
+    from depgraph_llm import load_pruned
+    print("CLASS", type(load_pruned(sys.argv[1])).__name__)
+""")
 
 
 @pytest.mark.parametrize("shape", ["heterogeneous-mlp", "heterogeneous-heads", "gqa-dropped-kv-groups"])
@@ -43,3 +49,7 @@ def test_per_layer_checkpoint_tokenizer_loads_silently(tmp_path, shape):
     assert json.loads(run.stdout.rsplit("IDS ", 1)[1]) == tokenizer.encode("hello world")
     assert "custom code" not in run.stderr and "[y/N]" not in run.stderr and "[y/N]" not in run.stdout
     assert "model of type" not in run.stderr and "per-layer attribute" not in run.stderr
+    model = subprocess.run([sys.executable, "-c", LOAD_MODEL, str(tmp_path / "slim")], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert "CLASS DepgraphForCausalLM" in model.stdout, model.stderr[-2000:]
+    assert "per-layer attribute" not in model.stderr  # our own loader reads the dense globals on purpose
