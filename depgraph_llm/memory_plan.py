@@ -85,8 +85,7 @@ def predict_peak(config, options, source_bytes_per_element: int, total_params: i
     stream = {"calibration_stream": 3 * tokens * hidden * compute,
               "widest_activation": 3 * options.seq_len * intermediate * compute}
     layer = {"one_layer_loaded_and_sliced": 2 * per_layer * compute, **stream}
-    # a pending shard is held until written, and safetensors serialises it into bytes (a second copy) to write it
-    pending = {"pending_output_shard_and_bytes": 2 * min(MAX_SHARD_BYTES, total_params * source_bytes_per_element)}
+    pending = {"pending_output_shard": min(MAX_SHARD_BYTES, total_params * source_bytes_per_element)}
     # the layer loop: the parameters outside the layers are parked on disk (layers/pipeline.py), except on the
     # gradient path, which keeps them for the backward
     scoring = {**layer, "logits_one_window_fp32": 2 * options.seq_len * vocab * 4}
@@ -107,8 +106,7 @@ def predict_peak(config, options, source_bytes_per_element: int, total_params: i
                    "grams_and_solve_fp64": solve_bytes(config, options.ratio)}
         writing = max(writing, solving, key=lambda t: sum(t.values()))
     final = {"outside_layers": outside * compute,
-             "pending_output_shard_and_bytes": max(pending["pending_output_shard_and_bytes"],
-                                                   2 * vocab * hidden * source_bytes_per_element)}
+             "pending_output_shard": max(pending["pending_output_shard"], vocab * hidden * source_bytes_per_element)}
     stages = {"importance": scoring, "importance_outside_scores": outside_scoring, "reconstruct_and_write": writing,
               "final_write": final}
     if eval_tokens:
