@@ -65,11 +65,15 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    row = run(args.model, args.out, args.in_memory, extra, args.timeout, args.address_space_gb)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(args.results.read_text()) if args.results.is_file() else []
+    append_row(args.results, run(args.model, args.out, args.in_memory, extra, args.timeout, args.address_space_gb))
+
+
+def append_row(results: Path, row: dict) -> None:
+    """Add one row to a results JSON list (created if absent) and print it."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(results.read_text()) if results.is_file() else []
     rows.append(row)
-    args.results.write_text(json.dumps(rows, indent=1) + "\n")
+    results.write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(row, indent=1))
 
 

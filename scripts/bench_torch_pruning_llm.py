@@ -18,6 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_scale import append_row, folder_bytes  # noqa: E402  (the same results file format)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "bench-scale" / "torch-pruning.json"
 
@@ -85,10 +89,6 @@ def prune(model_dir: Path, out: Path, ratio: float, logits_only: bool = False) -
             "stage_s": {k: round(marks[k] - marks["start"], 1) for k in marks if k != "start"}}
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -125,11 +125,7 @@ def main() -> None:
         row.update(json.loads(lines[-1]))
     else:
         row["error"] = [line for line in stderr.strip().splitlines() if line.strip()][-3:]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(args.results.read_text()) if args.results.is_file() else []
-    rows.append(row)
-    args.results.write_text(json.dumps(rows, indent=1) + "\n")
-    print(json.dumps(row, indent=1))
+    append_row(args.results, row)
 
 
 if __name__ == "__main__":
