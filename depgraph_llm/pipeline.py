@@ -565,7 +565,11 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
         recorded = json.dumps([plan.keep, plan.keep_nested], sort_keys=True)
         options = PruneOptions(model=str(model_path), ratio=plan.ratio_requested, reconstruct=plan.reconstruct,
                                reconstruct_mode=plan.reconstruct_mode, show_progress=False)
-        apply_in_memory(loaded, coupling, plan, calibration, options, timer)
+        try:
+            apply_in_memory(loaded, coupling, plan, calibration, options, timer)
+        except RuntimeError as exc:  # the parameter count check inside: an edited plan
+            raise UserError(f"{plan_path} says params_after {plan.params_after}, replaying it gives another count; "
+                            "the plan was edited or made by another version, recreate it with `prune`") from exc
         if json.dumps([plan.keep, plan.keep_nested], sort_keys=True) != recorded:
             raise UserError(f"replaying {plan_path} chose other units than it records (another torch version or "
                             "thread count changes the refit's arithmetic); rerun `prune` instead of `apply`")

@@ -71,3 +71,14 @@ def test_apply_refuses_calibration_text_that_is_gone(tiny_checkpoint, tmp_path):
     text.unlink()
     with pytest.raises(UserError, match="not on this machine"):
         run_apply(tmp_path / "pruned" / "prune_plan.json", str(tiny_checkpoint), tmp_path / "replayed")
+
+
+def test_apply_refuses_an_edited_reconstructed_plan_in_one_line(tiny_checkpoint, tmp_path):
+    _prune(tiny_checkpoint, tmp_path / "pruned", calibration=str(LICENCE))
+    plan_path = tmp_path / "pruned" / "prune_plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan["params_after"] += 1
+    plan_path.write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="the plan was edited"):
+        run_apply(plan_path, str(tiny_checkpoint), tmp_path / "replayed")
+    assert not (tmp_path / "replayed").exists()
