@@ -17,7 +17,7 @@ from depgraph_llm.checkpoint.files import corrupt_weights_error, read_checkpoint
 from depgraph_llm.checkpoint.gguf_rope import add_rope
 from depgraph_llm.checkpoint.gguf_tokenizer import read_vocab, write_vocab
 from depgraph_llm.errors import UserError
-from depgraph_llm.removal.slim_config import is_depgraph_config, saved_per_layer_widths
+from depgraph_llm.removal.slim_config import is_heterogeneous, saved_per_layer_widths
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
 DTYPES = {"f32": np.float32, "f16": np.float16}
@@ -51,7 +51,7 @@ def export_gguf(folder: Path, out: Path, dtype: str = "f16", overwrite: bool = F
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another path")
     config = read_checkpoint_config(folder)
-    if is_depgraph_config(config) or saved_per_layer_widths(config):
+    if is_heterogeneous(config) or saved_per_layer_widths(config):
         raise UserError(f"{folder} has per-layer widths, and llama.cpp's architectures need the "
                         "same widths in every layer; prune with --schedule uniform for a GGUF export")
     arch = GGUF_ARCH.get(config.get("model_type"))

@@ -108,10 +108,8 @@ def _cached_import(gguf_path: Path, target: Path) -> Path:
 
 
 def _model_type(path: Path) -> str | None:
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    model_type = _config_json(path).get("model_type")
+    return model_type if isinstance(model_type, str) else None
 
 
 def _config_json(path: Path) -> dict:
@@ -126,10 +124,10 @@ def depgraph_classes(path: Path) -> tuple[type, type] | None:
     """(config class, model class) of a per-layer checkpoint depgraph-llm wrote, made from our own code (the
     copy of the modeling file inside the checkpoint is never executed); None for any other folder."""
     from depgraph_llm.models import heterogeneous
-    from depgraph_llm.removal.slim_config import base_model_type, is_depgraph_config
+    from depgraph_llm.removal.slim_config import base_model_type, is_heterogeneous
 
     data = _config_json(Path(path))
-    if not is_depgraph_config(data) or not isinstance(data.get("model_type"), str):
+    if not is_heterogeneous(data) or not isinstance(data.get("model_type"), str):
         return None
     return heterogeneous.register(base_model_type(data["model_type"]))
 

@@ -30,7 +30,7 @@ def is_uniform(widths: list[dict[str, int]]) -> bool:
     return all(len({row[k] for row in widths if k in row}) <= 1 for k in WIDTH_KEYS)
 
 
-def is_depgraph_config(config_or_dict) -> bool:
+def is_heterogeneous(config_or_dict) -> bool:
     """Whether a config (object or config.json dict) names our per-layer classes in its `auto_map`."""
     auto_map = (config_or_dict.get("auto_map") if isinstance(config_or_dict, dict)
                 else getattr(config_or_dict, "auto_map", None)) or {}
@@ -40,10 +40,6 @@ def is_depgraph_config(config_or_dict) -> bool:
 def saved_per_layer_widths(config_dict: dict) -> dict:
     """The per-layer map of a config.json (our key; folders written before 2026-12 used `per_layer_config`)."""
     return config_dict.get(heterogeneous.SAVED_KEY) or config_dict.get("per_layer_config") or {}
-
-
-def is_heterogeneous(config) -> bool:
-    return is_depgraph_config(config)
 
 
 def base_model_type(config_or_type) -> str:
