@@ -53,6 +53,12 @@ class RecoveryData:
     notes: list[str] = field(default_factory=list)
     parts: list[dict] = field(default_factory=list)  # corpus parts (register, part, files, sha256) when mixed
 
+    @classmethod
+    def of(cls, windows: list[torch.Tensor], files: list[str], seq_len: int, parts: list[dict] | None = None):
+        """The data with its token count and windows digest derived from the windows."""
+        return cls(windows, files, sum(w.numel() for w in windows), seq_len, windows_digest(windows),
+                   parts=parts or [])
+
     def to_dict(self) -> dict:
         record = {"files": self.files, "windows": len(self.windows), "tokens": self.tokens, "seq_len": self.seq_len,
                   "sha256": self.digest}
@@ -100,15 +106,14 @@ def _default_data(tokenizer, seq_len: int, eval_files: list[Path], windows_wante
     windows = source.windows(None, tokenizer, seq_len, windows_wanted, seed)
     record = source.record(seq_len, windows_wanted, seed)["parts"]
     files = [f"{p['register']}:training" for p in record]
-    return RecoveryData(windows, files, sum(w.numel() for w in windows), seq_len, windows_digest(windows),
-                        parts=record)
+    return RecoveryData.of(windows, files, seq_len, parts=record)
 
 
 def _file_data(paths: list[Path], tokenizer, seq_len: int, eval_files: list[Path]) -> RecoveryData:
     check_disjoint(paths, eval_files)
     windows = token_windows(tokenizer, load_text(paths), seq_len, None, purpose="recovery")
     files = [str(f) for p in paths for f in _text_files(p)]
-    return RecoveryData(windows, files, sum(w.numel() for w in windows), seq_len, windows_digest(windows))
+    return RecoveryData.of(windows, files, seq_len)
 
 
 def load_recovery_data(spec: str | None, tokenizer, seq_len: int, eval_files: list[Path], dense_model=None,
@@ -122,7 +127,7 @@ def load_recovery_data(spec: str | None, tokenizer, seq_len: int, eval_files: li
             raise UserError("--recover-data self samples text from the dense model; it needs the source model")
         windows = self_generated_windows(dense_model, tokenizer, seq_len, self_windows, seed)
         files = [SELF_DATA]
-        return RecoveryData(windows, files, sum(w.numel() for w in windows), seq_len, windows_digest(windows))
+        return RecoveryData.of(windows, files, seq_len)
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"--recover-data {path} does not exist; pass a text file, a folder of them, "
