@@ -201,6 +201,15 @@ def default_eval_part(registers: tuple[str, ...] = DEFAULT_EVAL_REGISTERS) -> Co
     return corpus_part(present[0], "evaluation")
 
 
+def evaluation_text(path: str | Path | None) -> tuple[str | None, list[str]]:
+    """The evaluation text and its files: `path`, else the default evaluation part, else (None, []) when no
+    register is present (the caller generates text with the model)."""
+    if path:
+        return load_text([Path(path)]), [str(path)]
+    part = default_eval_part()
+    return (part.text, list(part.files)) if part else (None, [])
+
+
 def generated_eval_text(model, tokenizer, seq_len: int, tokens: int, seed: int) -> str:
     """Evaluation text when no corpus is present: dense-model samples with a seed disjoint from calibration's."""
     windows = self_generated_windows(model, tokenizer, seq_len, max(1, tokens // seq_len) + 1, seed + 1_000_003)

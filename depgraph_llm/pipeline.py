@@ -17,8 +17,8 @@ from depgraph_llm.evaluation.perplexity import perplexity
 from depgraph_llm.models import nearest_supported, spec_for
 from depgraph_llm import __version__
 from depgraph_llm.removal.apply import apply_plan, finish_plan, layer_widths, stock_config_accepts
-from depgraph_llm.calibration import (CalibrationSource, default_calibration_source, default_eval_part, file_source,
-                                      generated_eval_text, load_text, self_source, token_windows)
+from depgraph_llm.calibration import (CalibrationSource, default_calibration_source, evaluation_text, file_source,
+                                      generated_eval_text, self_source, token_windows)
 from depgraph_llm.checkpoint.files import (atomic_dir, check_free_space, check_not_source, check_output_dir,
                                           weights_hash, write_json)
 from depgraph_llm.graph.coupling import CouplingGraph, build_coupling
@@ -211,11 +211,8 @@ SELF_CALIBRATION = "self"
 def _texts(options: PruneOptions) -> tuple[CalibrationSource, str | None, list[str], list[str]]:
     """Calibration source, evaluation text (None: none present, generate it) and the files they came from.
     The defaults are disjoint: calibration parts of calibration.DEFAULT_MIX, an evaluation part (corpora.py)."""
-    if options.eval_text:
-        eval_text, eval_files = load_text([Path(options.eval_text)]), [str(options.eval_text)]
-    else:
-        part = default_eval_part()
-        eval_text, eval_files = (part.text, list(part.files)) if part else (None, [SELF_CALIBRATION])
+    eval_text, eval_files = evaluation_text(options.eval_text)
+    eval_files = eval_files or [SELF_CALIBRATION]
     if options.calibration == SELF_CALIBRATION:
         source = self_source()
     else:

@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from depgraph_llm.calibration import default_eval_part, generated_eval_text, load_text
+from depgraph_llm.calibration import evaluation_text as default_evaluation_text, generated_eval_text
 from depgraph_llm.errors import UserError
 from depgraph_llm.checkpoint.files import check_not_source
 from depgraph_llm.checkpoint.loading import cache_dir, load_model, resolve_model_path
@@ -124,11 +124,9 @@ def check_report_dir(out: Path, sources: list[Path]) -> None:
 def evaluation_text(options: EvalOptions, reference: Path) -> tuple[str, list[str]]:
     """--eval-text, else the default evaluation part (as `prune` uses), else text the reference model generates
     (the baseline, or the first model), so evaluation works on a machine with no text at all."""
-    if options.eval_text:
-        return load_text([Path(options.eval_text)]), [str(options.eval_text)]
-    part = default_eval_part()
-    if part is not None:
-        return part.text, list(part.files)
+    text, files = default_evaluation_text(options.eval_text)
+    if text is not None:
+        return text, files
     model, tokenizer = load_model(reference, options.trust_remote_code)
     return generated_eval_text(model, tokenizer, options.seq_len, options.eval_tokens, seed=0), [f"self:{reference}"]
 
