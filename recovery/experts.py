@@ -33,7 +33,7 @@ from torch import nn
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.graph.groups import Group, GroupKind
-from depgraph_llm.importance.experts import MAX_TOKENS, route, routing_frequency
+from depgraph_llm.importance.experts import MAX_TOKENS, RouterSettings, route, routing_frequency
 from depgraph_llm.layers import LayerCallback, LayerStep
 from depgraph_llm.planning.plan import PrunePlan
 
@@ -95,20 +95,12 @@ def merge_rows(rows: torch.Tensor, members: list[int], frequency: torch.Tensor) 
 # ---- one MoE block --------------------------------------------------------------------------------------------
 
 @dataclass
-class MoEBlock:
+class MoEBlock(RouterSettings):
     """A layer's router and experts modules, and the experts group's per-expert tensors (name -> expert axis)."""
 
     router: nn.Module
     experts: nn.Module
     tensors: dict[str, int]
-
-    @property
-    def top_k(self) -> int:
-        return int(self.router.top_k)
-
-    @property
-    def renormalize(self) -> bool:
-        return bool(getattr(self.router, "norm_topk_prob", True))
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias=None) -> torch.Tensor:
         weight = self.router.weight if weight is None else weight

@@ -84,7 +84,21 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool, removed: frozense
     return weights.to(logits.dtype), index
 
 
-class MoELayer:
+class RouterSettings:
+    """How a block's router routes: top-k and whether the kept gate values are renormalised (needs `router`)."""
+
+    router: nn.Module
+
+    @property
+    def top_k(self) -> int:
+        return int(self.router.top_k)
+
+    @property
+    def renormalize(self) -> bool:
+        return bool(getattr(self.router, "norm_topk_prob", True))
+
+
+class MoELayer(RouterSettings):
     """One MoE block's router and experts modules, found from its experts group."""
 
     def __init__(self, model: nn.Module, group: Group):
@@ -96,14 +110,6 @@ class MoELayer:
         self.router = modules[next(o for o in owners if modules[o] is not self.experts)]
         self.size = group.size
         self.inputs: list[torch.Tensor] = []
-
-    @property
-    def top_k(self) -> int:
-        return int(self.router.top_k)
-
-    @property
-    def renormalize(self) -> bool:
-        return bool(getattr(self.router, "norm_topk_prob", True))
 
     def hook(self) -> torch.utils.hooks.RemovableHandle:
         def keep(module, args):
