@@ -29,6 +29,10 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels removed per pruned layer")
     parser.add_argument("--head-ratio", type=float, help="fraction of query heads removed per pruned layer")
     parser.add_argument("--hidden-ratio", type=float, help="fraction of hidden (residual) channels removed")
+    parser.add_argument("--hidden-method", choices=("select", "rotate"), default="select",
+                        help="how --hidden-ratio removes hidden channels: select (the lowest-scoring channels) or "
+                        "rotate (rotate the residual stream into its principal directions first, SliceGPT-style; "
+                        "combines with --reconstruct; unties a tied LM head, counted in --ratio)")
     parser.add_argument("--layers-removed", type=int, help="remove this many whole decoder layers (Block Influence)")
     parser.add_argument("--experts-keep", type=int, help="mixture of experts: routed experts kept in every MoE layer")
     parser.add_argument("--expert-ratio", type=float, help="mixture of experts: fraction of routed experts removed "
@@ -129,7 +133,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         reconstruct_mode=args.reconstruct_mode, expert_reconstruct=args.expert_reconstruct,
         calibration=args.calibration, eval_text=args.eval_text,
         seed=args.seed, round_to=args.round_to, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
-        hidden_ratio=args.hidden_ratio, layers_removed=args.layers_removed, tp_size=args.tp_size,
+        hidden_ratio=args.hidden_ratio, hidden_method=args.hidden_method, layers_removed=args.layers_removed, tp_size=args.tp_size,
         vocab_keep=args.vocab_keep, experts_keep=args.experts_keep, expert_ratio=args.expert_ratio,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,

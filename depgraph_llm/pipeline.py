@@ -31,6 +31,7 @@ from depgraph_llm.recovery.bias_params import enable_zero_biases
 from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES as RECONSTRUCT_MODES
 from depgraph_llm.recovery.reconstruct import check_supported, prepare_reconstruction
 from depgraph_llm.recovery.experts import get_method as get_expert_method, prepare_expert_reconstruction
+from depgraph_llm.recovery.rotation import finish_sliced_norms, rotate_residual, untie_head
 from depgraph_llm.layers import InMemorySource, LayerPipeline
 from depgraph_llm.layers.sink import SliceSink
 from depgraph_llm.replay import calibration_record, replay_windows
@@ -80,6 +81,7 @@ def allocation_for(options_or_kwargs, layers: int) -> Allocation:
                       layers_removed=get("layers_removed"), layer_range=layer_range, tp_size=get("tp_size", 1) or 1,
                       experts_keep=get("experts_keep"), expert_ratio=get("expert_ratio"))
 DEPTH_METRICS = ("bi", "angular")
+HIDDEN_METHODS = ("select", "rotate")
 
 
 @dataclass
@@ -95,6 +97,7 @@ class PruneOptions:
     mlp_ratio: float | None = None
     head_ratio: float | None = None
     hidden_ratio: float | None = None
+    hidden_method: str = "select"  # hidden channels: "select" (by score) or "rotate" (PCA rotation, recovery/rotation.py)
     layers_removed: int | None = None
     experts_keep: int | None = None
     expert_ratio: float | None = None
@@ -141,9 +144,16 @@ class PruneOptions:
             raise UserError(f"--vocab-keep {self.vocab_keep} must be a positive number of tokens")
         if self.tp_size < 1:
             raise UserError(f"--tp-size {self.tp_size} must be a positive integer")
-        if self.hidden_ratio and self.reconstruct != "none":
+        if self.hidden_method not in HIDDEN_METHODS:
+            raise UserError(f"--hidden-method {self.hidden_method!r} is not available; choose one of: "
+                            f"{', '.join(HIDDEN_METHODS)}")
+        if self.hidden_method == "rotate" and not self.hidden_ratio:
+            raise UserError("--hidden-method rotate slices the rotated hidden dimension; add --hidden-ratio R")
+        if self.hidden_method == "rotate" and (self.streaming or self.device is not None):
+            raise UserError("--hidden-method rotate runs on the in-memory path; drop --streaming / --device")
+        if self.hidden_ratio and self.reconstruct != "none" and self.hidden_method != "rotate":
             raise UserError("--hidden-ratio changes every layer's inputs, which reconstruction cannot follow; "
-                            "add --reconstruct none")
+                            "add --reconstruct none, or --hidden-method rotate")
         parse_schedule(self.schedule)
         get_expert_method(self.expert_reconstruct)
         if self.hidden_ratio and self.expert_reconstruct != "drop":
@@ -262,6 +272,9 @@ def run_prune(options: PruneOptions) -> PruneResult:
     if options.in_memory and (options.streaming or options.device is not None):
         raise UserError("--in-memory loads the whole model; it cannot be combined with --streaming or --device")
     if options.streaming or options.device is not None or (not options.in_memory and would_not_fit(model_path)):
+        if options.hidden_method == "rotate":
+            raise UserError(f"--hidden-method rotate runs on the in-memory path, but {model_path} would not fit; "
+                            "use --hidden-method select, or --in-memory")
         if not options.streaming:
             log.warning("%s would not fit in memory in float32: pruning it one decoder layer at a time (streaming)",
                         model_path)
@@ -278,7 +291,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     needs_calibration = (options.vocab_keep is not None and cal_source.is_self
                          or estimator.needs_gradients or estimator.needs_calibration or options.schedule == "depth"
                          or options.reconstruct != "none" or options.layers_removed is not None
-                         or options.expert_reconstruct != "drop")
+                         or options.expert_reconstruct != "drop" or options.hidden_method == "rotate")
     with timer("calibration"):
         calibration = calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
     params_before = sum(p.numel() for p in model.parameters())
@@ -345,6 +358,8 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
         "reconstruct": plan.reconstruct if plan.reconstruct == "none" else f"{plan.reconstruct} ({plan.reconstruct_mode})",
         "reconstruct_report": plan.reconstruct_report,
         "expert_reconstruct": plan.expert_reconstruct,
+        **({"hidden_method": plan.hidden_method, "rotation_report": plan.rotation_report}
+           if plan.hidden_method != "select" else {}),
         **({"expert_reconstruct_report": plan.expert_reconstruct_report} if plan.expert_reconstruct_report else {}),
         "params_before": plan.params_before, "params_after": plan.params_after,
         "ratio_requested": plan.ratio_requested, "ratio_achieved": round(plan.ratio_achieved, 6),
@@ -396,7 +411,8 @@ def prune_in_memory(model, calibration: list[torch.Tensor], options: PruneOption
     timer = timer or _Timer()
     plan, coupling = plan_in_memory(model, calibration, options, source_hash, timer, allocation)
     if apply:
-        apply_in_memory(model, coupling, plan, calibration, options, timer)
+        (apply_rotated if plan.hidden_method == "rotate" else apply_in_memory)(model, coupling, plan, calibration,
+                                                                               options, timer)
     return plan, coupling
 
 
@@ -413,6 +429,8 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
         added = enable_zero_biases(model, spec.bias_switches)
         if source is not None:  # a streamed layer gets them when it is read from the shards
             source.zero_params.update(added)
+    hidden_method = getattr(options, "hidden_method", "select")
+    untied = hidden_method == "rotate" and untie_head(model)  # a tied head cannot hold the norm-folded rotation
     with timer("trace_and_couple"):
         coupling = couple_or_explain(model)
     torch.manual_seed(seed)
@@ -453,8 +471,10 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
                      ratio_requested=ratio, round_to=round_to, params_before=params_before,
                      params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers,
                      reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "",
-                     expert_reconstruct=getattr(options, "expert_reconstruct", "drop"),
+                     expert_reconstruct=getattr(options, "expert_reconstruct", "drop"), hidden_method=hidden_method,
                      allocation={k: v for k, v in asdict(allocation).items() if v not in (None, 1)})
+    if hidden_method == "rotate":
+        plan.rotation_report = {"head_untied": untied}  # its vocab x k parameters are in the budget
     check_supported(coupling, plan, reconstruct, reconstruct_mode)
     return plan, coupling
 
@@ -482,6 +502,19 @@ def apply_in_memory(model, coupling: CouplingGraph, plan: PrunePlan, calibration
     actual = sum(p.numel() for p in model.parameters())
     if actual != plan.params_after:
         raise RuntimeError(f"internal error: planned {plan.params_after} parameters, model has {actual}")
+
+
+def apply_rotated(model, coupling: CouplingGraph, plan: PrunePlan, calibration: list[torch.Tensor],
+                  options: PruneOptions, timer: "_Timer", *rest) -> None:
+    """--hidden-method rotate: rotate the residual stream into its principal directions and zero the discarded
+    ones (recovery/rotation.py), then the usual pass (the reconstruction refits MLP/heads on that stream; the
+    hidden slice itself needs no refit) and the norms' sliced-width weight and epsilon."""
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    with timer("rotate"):
+        roles, report = rotate_residual(model, coupling, plan, calibration, device)
+    plan.rotation_report = {**plan.rotation_report, **report.to_dict()}
+    apply_in_memory(model, coupling, plan, calibration, options, timer, *rest)  # rest: apply_in_memory's own
+    finish_sliced_norms(model, roles, report.kept)
 
 
 def reconstruction_stages(coupling: CouplingGraph, plan: PrunePlan, calibration: list[torch.Tensor],
@@ -533,6 +566,9 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     """Replay a saved prune plan on the model it was made from (checked by weights hash); a reconstructed plan
     draws its calibration windows again from its record (checked by digest) and refits the same way."""
     plan = PrunePlan.load(plan_path)
+    if plan.hidden_method == "rotate":
+        raise UserError(f"{plan_path} used --hidden-method rotate, whose rotation comes from calibration data; "
+                        "rerun `prune` with the same options instead of `apply`")
     if plan.expert_reconstruct != "drop":
         raise UserError(f"{plan_path} used --expert-reconstruct {plan.expert_reconstruct}, whose refitted routers "
                         "depend on calibration data; rerun `prune` with the same options instead of `apply`")

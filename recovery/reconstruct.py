@@ -119,6 +119,8 @@ def check_supported(coupling: CouplingGraph, plan: PrunePlan, method: str, mode:
     if coupling.layers_path is None:
         raise UserError("reconstruction runs layer by layer, but no decoder-layer list was found; use --reconstruct none")
     for group in coupling.of_kind(GroupKind.HIDDEN):  # vocabulary pruning leaves kept tokens' activations as they are
+        if plan.hidden_method == "rotate":  # the rotated, zeroed stream is what the sliced model computes
+            break
         if group.name in plan.keep and len(plan.keep[group.name]) < group.size:
             raise UserError(f"--reconstruct {method} cannot follow {group.kind.value} pruning (it changes every "
                             "layer's inputs); use --reconstruct none")
@@ -183,6 +185,9 @@ class Reconstruction(LayerCallback):
         self.coupling, self.plan, self.method, self.mode, self.damp = coupling, plan, method, mode, damp
         self.report = ReconstructReport(method=method, mode=mode)
         self.masks = axis_masks(coupling, plan)
+        if plan.hidden_method == "rotate":  # the stream is zeroed past k already: its readers keep their weights
+            hidden = {(s.param, s.axis) for g in coupling.of_kind(GroupKind.HIDDEN) for s in g.slices}
+            self.masks = {key: mask for key, mask in self.masks.items() if key not in hidden}
         self.touching = _slices_by_axis(coupling)
         self.removed = set(plan.removed_layers)
         self._consumers: list[_Consumer] = []

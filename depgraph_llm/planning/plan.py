@@ -43,6 +43,8 @@ class PrunePlan:
     allocation: dict = field(default_factory=dict)
     chosen_by: dict[str, str] = field(default_factory=dict)  # group -> what re-chose its units, if not `estimator`
     calibration: dict = field(default_factory=dict)  # the calibration source and windows digest (replay.py)
+    hidden_method: str = "select"  # hidden channels: selected, or "rotate" (PCA rotation first, recovery/rotation.py)
+    rotation_report: dict = field(default_factory=dict)
     format: int = PLAN_FORMAT
 
     @property
