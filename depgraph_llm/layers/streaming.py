@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from depgraph_llm.checkpoint.shards import ShardReader, ShardWriter
+from depgraph_llm.checkpoint.stored_layout import StoredLayout
 from depgraph_llm.graph.coupling import CouplingGraph, find_layers_path
 from depgraph_llm.models import ArchSpec
 from depgraph_llm.planning.plan import PrunePlan
@@ -74,6 +75,7 @@ class StreamingSource:
         self.dtype = dtype or self.source_dtype
         self.device = device  # where layers are materialised (the rest of the model stays on the CPU)
         self.model = skeleton(self.folder, self.dtype, trust_remote_code)
+        self.layout = StoredLayout(self.reader, self.model)  # the model's names over the stored ones (fused experts)
         self.zero_params: set[str] = set()  # parameters the job added (zero biases): made, not read from the shards
         self.layers_path = find_layers_path(self.model)
         self.layers: nn.ModuleList = self.model.get_submodule(self.layers_path)
@@ -96,7 +98,7 @@ class StreamingSource:
                              if params[name].device.type == "meta"})
 
     def _read(self, name: str) -> torch.Tensor:
-        tensor = self.reader.get(name)
+        tensor = self.layout.get(name)
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def __len__(self) -> int:
