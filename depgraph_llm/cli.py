@@ -25,7 +25,9 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "channels ranked across layers on layer-normalised scores); log-increase (removed MLP "
                         "fraction grows with depth, SlimGPT); depth (remove whole decoder layers, then trim widths "
                         "uniformly to the exact ratio); layers[:A:B] (uniform widths only in layers A..B-1; default: "
-                        "all but the first and last). Non-uniform widths save as a per_layer_config checkpoint")
+                        "all but the first and last); search (per-layer MLP widths, heads and dropped layers chosen by an "
+                        "evolutionary search on held-aside windows). Non-uniform widths save as a per_layer_config "
+                        "checkpoint")
     parser.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels removed per pruned layer")
     parser.add_argument("--head-ratio", type=float, help="fraction of query heads removed per pruned layer")
     parser.add_argument("--hidden-ratio", type=float, help="fraction of hidden (residual) channels removed")
@@ -41,6 +43,8 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "the calibration text first; tokenizer and embeddings shrink together")
     parser.add_argument("--tp-size", type=int, default=1, help="make head counts and widths divisible for this "
                         "tensor-parallel size")
+    parser.add_argument("--search-generations", type=int, default=24, help="--schedule search: generations of the "
+                        "evolutionary search (8 candidates each; about 13 s each for the default model)")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
                         "angular (angular distance, one contiguous block)")
     parser.add_argument("--reconstruct", default="obs", help="retrain-free reconstruction of the layers that lose "
@@ -52,6 +56,14 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "see docs/new-architecture.md")
     parser.add_argument("--reconstruct-mode", default="sequential", help="local (fit on the dense model's "
                         "activations) or sequential (fit on the pruned model's running activations, dense targets)")
+    parser.add_argument("--cross-block", type=int, default=0, metavar="W", help="after the closed-form "
+                        "reconstruction, tune W consecutive pruned layers at a time (Adam) so that their output on "
+                        "the pruned stream matches the dense layers' on the dense stream (default 0: off)")
+    parser.add_argument("--cross-block-epochs", type=int, default=2, help="--cross-block: passes over the "
+                        "calibration windows per window of layers")
+    parser.add_argument("--cross-block-lr", type=float, default=1e-5, help="--cross-block: Adam learning rate")
+    parser.add_argument("--cross-block-reg", type=float, default=0.0, help="--cross-block: weight of the pull "
+                        "toward the closed-form weights (relative squared distance)")
     parser.add_argument("--calibration", help="calibration text: a file, a folder of text files, .json/.jsonl, "
                         "or 'self' (text sampled from the dense model itself; no data needed)")
     parser.add_argument("--eval-text", help="text for perplexity before/after (default: licence texts)")
@@ -129,7 +141,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
-        schedule=args.schedule, depth_metric=args.depth_metric, reconstruct=args.reconstruct,
+        schedule=args.schedule, search_generations=args.search_generations,
+        depth_metric=args.depth_metric, reconstruct=args.reconstruct,
         reconstruct_mode=args.reconstruct_mode, expert_reconstruct=args.expert_reconstruct,
         calibration=args.calibration, eval_text=args.eval_text,
         seed=args.seed, round_to=args.round_to, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
@@ -138,7 +151,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, streaming=args.streaming, in_memory=args.in_memory, dtype=args.dtype,
-        device=args.device, activation_budget_mb=args.activation_budget_mb)
+        device=args.device, activation_budget_mb=args.activation_budget_mb, cross_block=args.cross_block,
+        cross_block_epochs=args.cross_block_epochs, cross_block_lr=args.cross_block_lr,
+        cross_block_reg=args.cross_block_reg)
     if args.recover and not args.dry_run:
         from depgraph_llm.recover_cli import cmd_prune_and_recover
 

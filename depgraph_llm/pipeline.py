@@ -32,6 +32,7 @@ from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS, MODES 
 from depgraph_llm.recovery.reconstruct import check_supported, prepare_reconstruction
 from depgraph_llm.recovery.experts import get_method as get_expert_method, prepare_expert_reconstruction
 from depgraph_llm.recovery.rotation import finish_sliced_norms, rotate_residual, untie_head
+from depgraph_llm.recovery.cross_block import CrossBlock, CrossBlockSettings, prepare_cross_block
 from depgraph_llm.layers import InMemorySource, LayerPipeline
 from depgraph_llm.layers.sink import SliceSink
 from depgraph_llm.replay import calibration_record, replay_windows
@@ -40,6 +41,8 @@ from depgraph_llm.stage_memory import peak_rss, reset_peak
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.importance.depth import angular_distance, angular_distances, block_influence
 from depgraph_llm.planning.schedules import NONUNIFORM, REDISTRIBUTED, plan_nonuniform
+from depgraph_llm.planning.search import SearchSettings
+from depgraph_llm.planning.search_schedule import SearchInputs, held_aside_windows, plan_search
 from depgraph_llm.planning.vocab import kept_token_ids, prune_tokenizer_files
 from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
 from depgraph_llm.planning.experts import moe_report
@@ -48,7 +51,7 @@ from depgraph_llm.planning.budget import RATIO_TOLERANCE, Allocation, ParamCount
 log = logging.getLogger(__name__)
 
 
-SCHEDULES = ("uniform", "depth", *NONUNIFORM, "layers")
+SCHEDULES = ("uniform", "depth", *NONUNIFORM, "layers", "search")
 
 
 def parse_schedule(schedule: str) -> tuple[str, tuple[int, int] | None]:
@@ -56,7 +59,7 @@ def parse_schedule(schedule: str) -> tuple[str, tuple[int, int] | None]:
     name, _, rest = schedule.partition(":")
     if name not in SCHEDULES or (rest and name != "layers"):
         raise UserError(f"--schedule {schedule!r} is not available; choose one of: uniform, global, log-increase, "
-                        "depth, layers[:A:B]")
+                        "depth, layers[:A:B], search")
     if not rest:
         return name, None
     try:
@@ -93,6 +96,7 @@ class PruneOptions:
     out: Path | None = None
     importance: str = "taylor"
     schedule: str = "uniform"
+    search_generations: int = SearchSettings.generations  # --schedule search (planning/search.py)
     depth_metric: str = "bi"
     mlp_ratio: float | None = None
     head_ratio: float | None = None
@@ -124,6 +128,13 @@ class PruneOptions:
     device: str | None = None  # streamed layers visit this device in turn (e.g. "cuda"); the rest stays on the CPU
     activation_budget_mb: int | None = None  # streamed calibration activations beyond this go to disk
     in_memory: bool = False  # the whole float32 model even when it would not fit (no automatic streaming)
+    cross_block: int = 0  # tune this many consecutive layers together against the dense output (recovery/cross_block.py)
+    cross_block_epochs: int = 2
+    cross_block_lr: float = 1e-5
+    cross_block_reg: float = 0.0
+
+    def cross_block_settings(self) -> CrossBlockSettings:
+        return CrossBlockSettings(self.cross_block, self.cross_block_epochs, self.cross_block_lr, self.cross_block_reg)
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -155,6 +166,8 @@ class PruneOptions:
             raise UserError("--hidden-ratio changes every layer's inputs, which reconstruction cannot follow; "
                             "add --reconstruct none, or --hidden-method rotate")
         parse_schedule(self.schedule)
+        if self.search_generations < 0:
+            raise UserError(f"--search-generations {self.search_generations} must be 0 or more")
         get_expert_method(self.expert_reconstruct)
         if self.hidden_ratio and self.expert_reconstruct != "drop":
             raise UserError(f"--hidden-ratio changes the routers' inputs, which --expert-reconstruct "
@@ -165,6 +178,10 @@ class PruneOptions:
         if self.reconstruct_mode not in RECONSTRUCT_MODES:
             raise UserError(f"--reconstruct-mode {self.reconstruct_mode!r} is not available; choose one of: "
                             f"{', '.join(RECONSTRUCT_MODES)}")
+        self.cross_block_settings().validate()
+        if self.cross_block and self.reconstruct == "none":
+            raise UserError("--cross-block tunes blocks after the closed-form reconstruction; pass --reconstruct "
+                            "obs|ls|bias, or drop --cross-block")
         if self.depth_metric not in DEPTH_METRICS:
             raise UserError(f"--depth-metric {self.depth_metric!r} is not available; choose one of: "
                             f"{', '.join(DEPTH_METRICS)}")
@@ -275,6 +292,9 @@ def run_prune(options: PruneOptions) -> PruneResult:
         if options.hidden_method == "rotate":
             raise UserError(f"--hidden-method rotate runs on the in-memory path, but {model_path} would not fit; "
                             "use --hidden-method select, or --in-memory")
+        if options.cross_block:
+            raise UserError("--cross-block tunes layers the streaming pass has already written; it needs the "
+                            "model in memory (drop --streaming/--device, or add --in-memory)")
         if not options.streaming:
             log.warning("%s would not fit in memory in float32: pruning it one decoder layer at a time (streaming)",
                         model_path)
@@ -303,17 +323,21 @@ def run_prune(options: PruneOptions) -> PruneResult:
         with timer("perplexity_before"):
             ppl_before = perplexity(model, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
                                     options.show_progress)
+    search_windows = (held_aside_windows(cal_source, model, tokenizer, calibration, options.seq_len, options.seed,
+                                         SearchSettings()) if options.schedule == "search" else None)
     if options.dry_run:
         plan, coupling = prune_in_memory(model, calibration, options, source_hash=source_hash, timer=timer,
-                                         apply=False, allocation=allocation)
+                                         apply=False, allocation=allocation,
+                                         search_windows=search_windows)
         report = plan_report(model_path, source_hash, coupling, plan, timer)
         report["dry_run"] = True
         report["estimated_checkpoint_bytes"] = plan.params_after * 4
         report["estimated_remaining_s"] = round(_remaining_time(model, tokenizer, eval_text, options, plan), 1)
         return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
     check_free_space(out, params_before * 4)
+    heldout = heldout_windows(tokenizer, eval_text, calibration, options)
     plan, coupling = prune_in_memory(model, calibration, options, source_hash=source_hash, timer=timer,
-                                     allocation=allocation)
+                                     allocation=allocation, heldout=heldout, search_windows=search_windows)
     plan.calibration = calibration_record(cal_source, calibration, options.seq_len, options.seed) if calibration else {}
     tokenizer = pruned_tokenizer(tokenizer, plan)
     ppl_after = None
@@ -334,6 +358,15 @@ def run_prune(options: PruneOptions) -> PruneResult:
         save_checkpoint(model, tokenizer, out, plan, report, options.overwrite, source_dtype(model_path))
     report["timings_s"] = timer.times
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+
+
+def heldout_windows(tokenizer, eval_text: str | None, calibration: list[torch.Tensor],
+                    options: PruneOptions) -> list[torch.Tensor]:
+    """Windows of the evaluation text, as many and as long as the calibration ones, on which the reconstruction
+    pass measures its block-output error without fitting on them (none without reconstruction or text)."""
+    if options.reconstruct == "none" or not eval_text or not calibration:
+        return []
+    return token_windows(tokenizer, eval_text, calibration[0].shape[-1], len(calibration), purpose="held-out")
 
 
 def _vocab_ids(model, tokenizer, cal_text: str | None, calibration: list[torch.Tensor],
@@ -397,7 +430,9 @@ def couple_or_explain(model) -> CouplingGraph:
 
 def prune_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions, *, source_hash: str = "",
                     timer: "_Timer | None" = None, apply: bool = True,
-                    allocation: Allocation | None = None) -> tuple[PrunePlan, "CouplingGraph"]:
+                    search_windows: list[torch.Tensor] | None = None,
+                    allocation: Allocation | None = None,
+                    heldout: list[torch.Tensor] | None = None) -> tuple[PrunePlan, "CouplingGraph"]:
     """Trace, score, plan and physically prune `model` in place; returns the plan and coupling.
 
     Reads from `options`: importance, ratio, round_to, seed, schedule, depth_metric, reconstruct,
@@ -409,15 +444,17 @@ def prune_in_memory(model, calibration: list[torch.Tensor], options: PruneOption
     planner counts them. Applying is one layer-pipeline pass (reconstruct, then slice each layer) and a final
     config step."""
     timer = timer or _Timer()
-    plan, coupling = plan_in_memory(model, calibration, options, source_hash, timer, allocation)
+    plan, coupling = plan_in_memory(model, calibration, options, source_hash, timer, allocation,
+                                    search_windows=search_windows)
     if apply:
         (apply_rotated if plan.hidden_method == "rotate" else apply_in_memory)(model, coupling, plan, calibration,
-                                                                               options, timer)
+                                                                               options, timer, heldout)
     return plan, coupling
 
 
 def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions, source_hash: str, timer: "_Timer",
-                   allocation: Allocation | None = None, source=None) -> tuple[PrunePlan, CouplingGraph]:
+                   allocation: Allocation | None = None, source=None,
+                   search_windows: list[torch.Tensor] | None = None) -> tuple[PrunePlan, CouplingGraph]:
     """Trace, score and plan (the model is unchanged, except for the zero biases of --reconstruct bias); with a
     streaming `source`, `model` is its skeleton and every pass visits the layers one at a time."""
     estimator = get_estimator(options.importance)
@@ -466,6 +503,14 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
                                                      {**{k: len(v) for k, v in fixed.items()}, **head_keep},
                                                      params_before)
             keep = {**fixed, **mlp_keep}
+        searched = None
+        if schedule_name == "search":  # per-layer widths and dropped layers at the uniform plan's budget
+            searched = plan_search(model, coupling, counter, scores, SearchInputs(
+                keep, keep_nested, params_after, params_before, ratio, width_step), search_windows, allocation,
+                lambda w: config_accepts(model, spec, w), SearchSettings(generations=options.search_generations),
+                seed, _progress("search", options.show_progress, "generation"))
+            keep, keep_nested, removed_layers = searched.keep, searched.keep_nested, searched.removed_layers
+            params_after = searched.params_after
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
                      schedule=f"depth-{depth_metric}" if schedule == "depth" else schedule, seed=seed,
                      ratio_requested=ratio, round_to=round_to, params_before=params_before,
@@ -473,17 +518,19 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
                      reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "",
                      expert_reconstruct=getattr(options, "expert_reconstruct", "drop"), hidden_method=hidden_method,
                      allocation={k: v for k, v in asdict(allocation).items() if v not in (None, 1)})
+    plan.search = searched.record if searched else {}
     if hidden_method == "rotate":
         plan.rotation_report = {"head_untied": untied}  # its vocab x k parameters are in the budget
+    plan.search = searched.record if searched else {}
     check_supported(coupling, plan, reconstruct, reconstruct_mode)
     return plan, coupling
 
 
 def apply_in_memory(model, coupling: CouplingGraph, plan: PrunePlan, calibration: list[torch.Tensor],
-                    options: PruneOptions, timer: "_Timer") -> None:
+                    options: PruneOptions, timer: "_Timer", heldout: list[torch.Tensor] | None = None) -> None:
     """One layer-pipeline pass (reconstruction when asked, then each layer's slice step), then the final step."""
     spec = spec_for(model.config.model_type)
-    stages = reconstruction_stages(coupling, plan, calibration, options)
+    stages = reconstruction_stages(coupling, plan, calibration, options, heldout)
     if coupling.layers_path is not None:
         # the model stays where it is; with a GPU, each decoder layer visits it in turn
         device = torch.device("cuda") if torch.cuda.is_available() and stages else None
@@ -518,14 +565,19 @@ def apply_rotated(model, coupling: CouplingGraph, plan: PrunePlan, calibration: 
 
 
 def reconstruction_stages(coupling: CouplingGraph, plan: PrunePlan, calibration: list[torch.Tensor],
-                          options: PruneOptions) -> list:
+                          options: PruneOptions, heldout: list[torch.Tensor] | None = None) -> list:
     """The layer-pipeline stages that refit a layer before its slice step: removed routed experts first (router
-    refit / merge, which then masks them out of the routing), then the dense projections' reconstruction."""
+    refit / merge, which then masks them out of the routing), then the dense projections' reconstruction, then
+    (in memory: `heldout` given, or --cross-block) the block-output errors and the cross-block refit."""
     plan.expert_reconstruct = options.expert_reconstruct
     experts = prepare_expert_reconstruction(coupling, plan, calibration, options.expert_reconstruct,
                                             sequential=options.reconstruct_mode != "local")
     dense = prepare_reconstruction(coupling, plan, calibration, options.reconstruct, options.reconstruct_mode)
-    return [stage for stage in (experts, dense) if stage is not None]
+    blocks = None
+    if dense is not None and (heldout is not None or getattr(options, "cross_block", 0)):
+        blocks = prepare_cross_block(coupling, plan, options.cross_block_settings(), calibration, heldout,
+                                     options.reconstruct_mode)
+    return [stage for stage in (experts, dense, blocks) if stage is not None]
 
 
 def record_reconstruction(plan: PrunePlan, stages: list) -> None:
@@ -535,17 +587,19 @@ def record_reconstruction(plan: PrunePlan, stages: list) -> None:
     for stage in stages:
         if isinstance(stage, ExpertReconstruction):
             plan.expert_reconstruct_report = stage.report.to_dict()
+        elif isinstance(stage, CrossBlock):  # after the dense stage: its errors join that stage's report
+            plan.reconstruct_report = {**plan.reconstruct_report, **stage.report.to_dict()}
         else:
             plan.reconstruct_report = stage.report.to_dict()
 
 
-def _progress(description: str, show: bool):
+def _progress(description: str, show: bool, unit: str = "layer"):
     """A tqdm factory over layers for the layer pipeline, or None."""
     if not show:
         return None
     from tqdm.auto import tqdm
 
-    return lambda items, total: tqdm(items, total=total, desc=description, unit="layer")
+    return lambda items, total: tqdm(items, total=total, desc=description, unit=unit)
 
 
 def _remaining_time(model, tokenizer, eval_text: str, options: PruneOptions, plan: PrunePlan) -> float:
@@ -597,7 +651,8 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     if calibration:
         recorded = json.dumps([plan.keep, plan.keep_nested], sort_keys=True)
         options = PruneOptions(model=str(model_path), ratio=plan.ratio_requested, reconstruct=plan.reconstruct,
-                               reconstruct_mode=plan.reconstruct_mode, show_progress=False)
+                               reconstruct_mode=plan.reconstruct_mode, show_progress=False,
+                               **replayed_cross_block(plan))
         try:
             apply_in_memory(loaded, coupling, plan, calibration, options, timer)
         except RuntimeError as exc:  # the parameter count check inside: an edited plan
@@ -619,6 +674,13 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     with timer("save"):
         save_checkpoint(loaded, tokenizer, out, plan, report, overwrite, source_dtype(model_path))
     return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+
+
+def replayed_cross_block(plan: PrunePlan) -> dict:
+    """The PruneOptions fields of the cross-block refit a plan records (none when it had none)."""
+    record = plan.reconstruct_report.get("cross_block") or {}
+    names = {"window": "cross_block", "epochs": "cross_block_epochs", "lr": "cross_block_lr", "reg": "cross_block_reg"}
+    return {field_name: record[key] for key, field_name in names.items() if key in record}
 
 
 def vocab_keep(plan: PrunePlan) -> list[int] | None:
