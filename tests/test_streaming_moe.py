@@ -55,8 +55,12 @@ def _reachable_ratio(checkpoint, options) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(importance="wanda-sp", reconstruct="ls"),
-                                     dict(importance="l2", reconstruct="none", experts_keep=3)],
-                         ids=["channels-ls", "experts-removed"])
+                                     dict(importance="l2", reconstruct="none", experts_keep=3),
+                                     dict(importance="l2", reconstruct="none", experts_keep=3,
+                                          expert_reconstruct="router"),
+                                     dict(importance="l2", reconstruct="none", experts_keep=3,
+                                          expert_reconstruct="merge")],
+                         ids=["channels-ls", "experts-removed", "experts-router-refit", "experts-merged"])
 def test_streamed_moe_prune_equals_in_memory_prune(moe_checkpoint, tmp_path, options):
     options = {**options, "ratio": _reachable_ratio(moe_checkpoint, options)}
     memory = run_prune(PruneOptions(model=str(moe_checkpoint), out=tmp_path / "memory", **{**SMALL, **options}))
