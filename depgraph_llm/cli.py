@@ -43,8 +43,8 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "the calibration text first; tokenizer and embeddings shrink together")
     parser.add_argument("--tp-size", type=int, default=1, help="make head counts and widths divisible for this "
                         "tensor-parallel size")
-    parser.add_argument("--search-generations", type=int, default=24, help="--schedule search: generations of the "
-                        "evolutionary search (8 candidates each; about 13 s each for the default model)")
+    parser.add_argument("--search-generations", type=int, default=20, help="--schedule search: generations of the "
+                        "evolutionary search (8 candidates each; about 5 s each for the default model on one idle core)")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
                         "angular (angular distance, one contiguous block)")
     parser.add_argument("--reconstruct", default="obs", help="retrain-free reconstruction of the layers that lose "

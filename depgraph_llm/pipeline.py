@@ -521,7 +521,6 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
     plan.search = searched.record if searched else {}
     if hidden_method == "rotate":
         plan.rotation_report = {"head_untied": untied}  # its vocab x k parameters are in the budget
-    plan.search = searched.record if searched else {}
     check_supported(coupling, plan, reconstruct, reconstruct_mode)
     return plan, coupling
 

@@ -41,6 +41,7 @@ class PrunePlan:
     expert_reconstruct: str = "drop"  # routed experts removed: drop / router refit / merge (recovery/experts.py)
     expert_reconstruct_report: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)  # --schedule search: the chosen profile and its fitness
     chosen_by: dict[str, str] = field(default_factory=dict)  # group -> what re-chose its units, if not `estimator`
     calibration: dict = field(default_factory=dict)  # the calibration source and windows digest (replay.py)
     hidden_method: str = "select"  # hidden channels: selected, or "rotate" (PCA rotation first, recovery/rotation.py)
