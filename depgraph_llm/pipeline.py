@@ -182,6 +182,12 @@ class PruneOptions:
         if self.cross_block and self.reconstruct == "none":
             raise UserError("--cross-block tunes blocks after the closed-form reconstruction; pass --reconstruct "
                             "obs|ls|bias, or drop --cross-block")
+        if self.cross_block and self.reconstruct_mode != "sequential":
+            raise UserError(f"--cross-block tunes blocks on the pruned model's stream; use --reconstruct-mode "
+                            f"sequential (not {self.reconstruct_mode})")
+        if self.cross_block and self.hidden_ratio:
+            raise UserError("--cross-block does not keep removed hidden channels at zero yet; drop --cross-block "
+                            "or --hidden-ratio")
         if self.depth_metric not in DEPTH_METRICS:
             raise UserError(f"--depth-metric {self.depth_metric!r} is not available; choose one of: "
                             f"{', '.join(DEPTH_METRICS)}")

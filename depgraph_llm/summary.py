@@ -52,8 +52,15 @@ def _reconstruction(report: dict) -> str:
     detail = report.get("reconstruct_report") or {}
     if method == "none" or not detail:
         return method
-    return (f"{method}: {detail['consumers']} projections refitted, relative output error "
+    text = (f"{method}: {detail['consumers']} projections refitted, relative output error "
             f"{detail['relative_error_before']:.3f} -> {detail['relative_error_after']:.3f} on calibration data")
+    if "cross_block" in detail:
+        text += f", cross-block refit of {detail['cross_block']['window']} layers at a time"
+    calibration, heldout = (detail.get(k, {}).get("mean") for k in ("error_calibration", "error_heldout"))
+    if calibration is not None:
+        text += f"; block-output error {calibration:.4f} (calibration)"
+        text += f" / {heldout:.4f} (held-out)" if heldout is not None else ""
+    return text
 
 
 def prune_summary(report: dict, out: Path) -> str:

@@ -20,6 +20,8 @@ from depgraph_llm.planning.plan import axis_masks
 from depgraph_llm.recovery.cross_block import CrossBlockSettings, disjoint_windows, prepare_cross_block
 from depgraph_llm.recovery.reconstruct import prepare_reconstruction
 from depgraph_llm.removal.apply import apply_plan
+from depgraph_llm.summary import _reconstruction
+from tests.cli_helpers import FAST, one_line_error, run_prune as run_prune_cli
 from tests.test_slim_checkpoints import SHAPES, _plan
 from tests.tiny import tiny_model
 
@@ -160,6 +162,8 @@ def test_prune_reports_both_errors_and_apply_replays_the_refit(tiny_checkpoint, 
     (dict(cross_block=-1), "--cross-block -1"),
     (dict(cross_block=2, cross_block_epochs=0), "--cross-block-epochs"),
     (dict(cross_block=2, cross_block_lr=0.0), "--cross-block-lr"),
+    (dict(cross_block=2, hidden_ratio=0.2, hidden_method="rotate"), "--hidden-ratio"),
+    (dict(cross_block=2, reconstruct_mode="local"), "--reconstruct-mode sequential"),
 ])
 def test_bad_cross_block_options_are_one_line_errors(options, match):
     with pytest.raises(UserError, match=match):
@@ -172,3 +176,26 @@ def test_cross_block_needs_the_sequential_stream():
     plan = _plan(model, coupling, SHAPES["uniform"])
     with pytest.raises(UserError, match="--reconstruct-mode sequential"):
         prepare_cross_block(coupling, plan, REFIT, BATCHES, [], "local")
+
+
+def test_prune_py_runs_the_refit_and_refuses_it_in_local_mode(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = run_prune_cli("--model", str(tiny_checkpoint), "--ratio", "0.3", "--out", str(out), "--reconstruct", "ls",
+                           "--cross-block", "3", "--cross-block-lr", "1e-4", "--cross-block-epochs", "3",
+                           "--calibration", str(LICENCE), "--eval-text", "/usr/share/common-licenses/Apache-2.0", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "prune_report.json").read_text())["reconstruct_report"]
+    assert record["cross_block"]["window"] == 3 and record["cross_block"]["windows_tuned"] == 1
+    assert record["error_heldout"]["windows"] == 2 and record["error_heldout"]["mean"] > 0
+    assert "block-output error" in result.stdout + result.stderr
+    line = one_line_error(run_prune_cli("--model", str(tiny_checkpoint), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                                        "--cross-block", "2", "--reconstruct-mode", "local", *FAST))
+    assert "--reconstruct-mode sequential" in line and not (tmp_path / "o").exists()
+
+
+def test_summary_line_shows_calibration_and_heldout_errors():
+    report = {"reconstruct": "obs (sequential)", "reconstruct_report": {
+        "consumers": 6, "relative_error_before": 0.5, "relative_error_after": 0.25,
+        "error_calibration": {"mean": 0.0123}, "error_heldout": {"mean": 0.0456}, "cross_block": {"window": 2}}}
+    line = _reconstruction(report)
+    assert "0.0123 (calibration) / 0.0456 (held-out)" in line and "2 layers at a time" in line
