@@ -158,3 +158,54 @@ def test_evolution_reaches_the_known_optimum():
 
     result = evolve(start, levels, budget, fitness, SearchSettings(generations=60, drop_chance=0.0), seed=0)
     assert result.profile.mlp == target and result.fitness == 0.0 < result.start_fitness
+
+
+def test_masked_candidate_computes_what_the_pruned_model_computes():
+    """The fitness masks units and skips layers; the physically pruned model (removal/apply.py) must agree."""
+    import copy
+
+    from depgraph_llm.models import spec_for
+    from depgraph_llm.pipeline import couple_or_explain
+    from depgraph_llm.planning.budget import Allocation, ParamCounter
+    from depgraph_llm.planning.fitness import ProfileScorer
+    from depgraph_llm.planning.plan import PrunePlan
+    from depgraph_llm.planning.search_levels import level_database, profile_keep, searched_layers
+    from depgraph_llm.removal.apply import apply_plan
+
+    model = tiny_model(num_hidden_layers=4, intermediate_size=40)
+    coupling = couple_or_explain(model)
+    counter = ParamCounter({n: tuple(p.shape) for n, p in model.named_parameters()}, coupling)
+    layers = searched_layers(coupling)
+    levels = level_database(layers, counter, 1, Allocation(), lambda widths: True)
+    torch.manual_seed(3)
+    scores = {}
+    for lg in layers:
+        scores[lg.mlp.name] = torch.rand(lg.mlp.size)
+        scores[lg.heads.name] = torch.rand(lg.heads.size)
+        scores[lg.heads.nested.name] = torch.rand(lg.heads.size, lg.heads.nested.size)
+    heads = [lv.heads.index(level) for lv, level in zip(levels, [(1, 2), (2, 2), (2, 1), (1, 1)])]
+    profile = Profile(mlp=(4, 39, 19, 30), heads=tuple(heads), dropped=(False, True, False, False))
+    ids = torch.randint(0, 160, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with ProfileScorer(model, coupling, layers, levels, scores, [ids]) as scorer:
+            scorer.set_profile(profile)
+            masked = model(input_ids=ids).logits
+            assert scorer(profile) > 0 and scorer(dense_profile(profile, levels)) == pytest.approx(0, abs=1e-7)
+        assert torch.equal(model(input_ids=ids).logits, dense)  # hooks gone
+    keep, keep_nested, removed = profile_keep(layers, levels, profile, scores)
+    full = counter.count({})
+    plan = PrunePlan(model_hash="", model_type="llama", estimator="random", schedule="search", seed=0,
+                     ratio_requested=0.5, round_to=1, params_before=full,
+                     params_after=params_of(profile, levels, full), keep=keep, keep_nested=keep_nested,
+                     removed_layers=removed)
+    pruned = apply_plan(copy.deepcopy(model), coupling, plan, spec_for("llama"))
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+    with torch.no_grad():
+        assert torch.allclose(pruned(input_ids=ids).logits, masked, atol=1e-5)
+
+
+def dense_profile(profile: Profile, levels: list[LayerLevels]) -> Profile:
+    """The dense profile: every layer kept at its widest levels."""
+    return Profile(mlp=tuple(len(lv.mlp) - 1 for lv in levels), heads=tuple(len(lv.heads) - 1 for lv in levels),
+                   dropped=(False,) * len(levels))
