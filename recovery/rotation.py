@@ -270,19 +270,15 @@ def discard_directions(model: nn.Module, roles: ResidualRoles, keep: int) -> Non
 def finish_sliced_norms(model: nn.Module, roles: ResidualRoles, keep: int) -> None:
     """After slicing to `keep` coordinates: norm weight sqrt(d/k), epsilon eps * d / k (modules and config)."""
     modules = dict(model.named_modules())
-    eps_before = None
     for norm_name in roles.norms:
         norm = modules[norm_name]
-        eps = norm_eps(norm)
-        scale, new_eps = sliced_norm(eps, roles.width, keep)
+        scale, new_eps = sliced_norm(norm_eps(norm), roles.width, keep)
         norm.weight.fill_(scale)
-        attr = next(a for a in EPS_ATTRIBUTES if hasattr(norm, a))
-        setattr(norm, attr, new_eps)
-        eps_before = eps
+        setattr(norm, next(a for a in EPS_ATTRIBUTES if hasattr(norm, a)), new_eps)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for name in EPS_CONFIG_FIELDS:
-        if eps_before is not None and getattr(config, name, None) is not None:
-            setattr(config, name, sliced_norm(eps_before, roles.width, keep)[1])
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, sliced_norm(getattr(config, name), roles.width, keep)[1])
 
 
 @dataclass
