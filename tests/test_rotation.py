@@ -14,9 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.layers import InMemorySource, LayerPipeline
-from depgraph_llm.pipeline import PruneOptions, prune_in_memory, run_apply, run_prune, save_checkpoint
+from depgraph_llm.pipeline import PruneOptions, prune_in_memory, run_apply, save_checkpoint
 from depgraph_llm.recovery.rotation import (ResidualPCA, fold_norms, pca_basis, residual_roles, rotate_and_slice,
                                             sliced_norm, untie_head)
+from tests.cli_helpers import FAST as FAST_CLI, run_prune as run_prune_cli
 from tests.tiny import LICENSES, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
 BATCHES = [torch.randint(3, 160, (1, 48), generator=torch.Generator().manual_seed(s)) for s in range(4)]
@@ -166,20 +167,24 @@ def test_saved_rotated_model_loads_stock_in_a_fresh_process_with_the_same_logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_prune_job_with_rotation_holds_the_budget_exactly(tmp_path):
+def test_prune_py_with_rotation_holds_the_budget_exactly(tmp_path):
     source = save_tiny_checkpoint(tmp_path / "src", tie=True)
     out = tmp_path / "out"
-    result = run_prune(PruneOptions(model=str(source), out=out, ratio=0.3, hidden_ratio=0.25, hidden_method="rotate",
-                                    reconstruct="obs", calibration=str(LICENSES / "GPL-3"), **FAST))
+    result = run_prune_cli("--model", str(source), "--ratio", "0.3", "--hidden-ratio", "0.25", "--hidden-method",
+                           "rotate", "--importance", "l2", "--calibration", str(LICENSES / "GPL-3"), "--out", str(out),
+                           "--no-eval", *FAST_CLI)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads((out / "prune_plan.json").read_text())
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # counted from the file, not by the planner
         saved = sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
     with safe_open(str(source / "model.safetensors"), "pt") as f:
         before = sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
-    assert saved == result.plan.params_after == _stock_params(AutoConfig.from_pretrained(out))
-    assert result.plan.params_before == before  # the untied head is counted in the budget, not in the reference
+    assert saved == plan["params_after"] == _stock_params(AutoConfig.from_pretrained(out))
+    assert plan["params_before"] == before  # the untied head is counted in the budget, not in the reference
     assert abs(1 - saved / before - 0.3) <= 0.01
+    assert plan["hidden_method"] == "rotate" and plan["reconstruct"] == "obs" and plan["chosen_by"]["hidden"]
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["hidden_method"] == "rotate" and report["rotation_report"]["head_untied"] is True
+    assert report["rotation_report"]["head_untied"] is True and report["rotation_report"]["kept"] == 36
     with pytest.raises(UserError, match="rerun `prune`"):
         run_apply(out / "prune_plan.json", str(source), tmp_path / "replay")
 
