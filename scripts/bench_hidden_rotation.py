@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(VARIANTS), help="comma-separated row names")
     parser.add_argument("--hidden-only", action="store_true", help="cut only the hidden size (no MLP channels or "
                         "heads): each row's --ratio is what that alone removes")
+    parser.add_argument("--importance", default="taylor", help="estimator for every row (irrelevant to the "
+                        "rotation rows with --hidden-only, where nothing is chosen by score)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-hidden-rotation"))
     args = parser.parse_args()
@@ -94,7 +96,7 @@ def main() -> None:
         torch.manual_seed(0)
         began = time.perf_counter()
         plan, _ = pipeline.prune_in_memory(pruned, calibration, pipeline.PruneOptions(
-            model=options.model, ratio=ratio, show_progress=False, **fields))
+            model=options.model, ratio=ratio, importance=args.importance, show_progress=False, **fields))
         rows.append({"row": label, "ratio": round(ratio, 4), "achieved": round(plan.ratio_achieved, 4),
                      "widths": widths(pruned), "prune_s": round(time.perf_counter() - began, 1),
                      "explained": plan.rotation_report.get("explained"),
