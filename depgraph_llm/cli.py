@@ -45,6 +45,8 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "tensor-parallel size")
     parser.add_argument("--search-generations", type=int, default=20, help="--schedule search: generations of the "
                         "evolutionary search (8 candidates each; about 5 s each for the default model on one idle core)")
+    parser.add_argument("--search-layer-drops", action="store_true", help="--schedule search: candidates may "
+                        "also drop whole layers (off by default: the reconstruction cannot recover them)")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
                         "angular (angular distance, one contiguous block)")
     parser.add_argument("--reconstruct", default="obs", help="retrain-free reconstruction of the layers that lose "
@@ -141,7 +143,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
-        schedule=args.schedule, search_generations=args.search_generations,
+        schedule=args.schedule, search_generations=args.search_generations, search_layer_drops=args.search_layer_drops,
         depth_metric=args.depth_metric, reconstruct=args.reconstruct,
         reconstruct_mode=args.reconstruct_mode, expert_reconstruct=args.expert_reconstruct,
         calibration=args.calibration, eval_text=args.eval_text,

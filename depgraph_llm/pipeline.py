@@ -41,7 +41,7 @@ from depgraph_llm.stage_memory import peak_rss, reset_peak
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.importance.depth import angular_distance, angular_distances, block_influence
 from depgraph_llm.planning.schedules import NONUNIFORM, REDISTRIBUTED, plan_nonuniform
-from depgraph_llm.planning.search import SearchSettings
+from depgraph_llm.planning.search import LAYER_DROP_CHANCE, SearchSettings
 from depgraph_llm.planning.search_schedule import SearchInputs, held_aside_windows, plan_search
 from depgraph_llm.planning.vocab import kept_token_ids, prune_tokenizer_files
 from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
@@ -97,6 +97,7 @@ class PruneOptions:
     importance: str = "taylor"
     schedule: str = "uniform"
     search_generations: int = SearchSettings.generations  # --schedule search (planning/search.py)
+    search_layer_drops: bool = False  # --schedule search may also drop whole layers
     depth_metric: str = "bi"
     mlp_ratio: float | None = None
     head_ratio: float | None = None
@@ -513,7 +514,9 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
         if schedule_name == "search":  # per-layer widths and dropped layers at the uniform plan's budget
             searched = plan_search(model, coupling, counter, scores, SearchInputs(
                 keep, keep_nested, params_after, params_before, ratio, width_step), search_windows, allocation,
-                lambda w: config_accepts(model, spec, w), SearchSettings(generations=options.search_generations),
+                lambda w: config_accepts(model, spec, w), SearchSettings(
+                    generations=options.search_generations,
+                    drop_chance=LAYER_DROP_CHANCE if getattr(options, "search_layer_drops", False) else 0.0),
                 seed, _progress("search", options.show_progress, "generation"))
             keep, keep_nested, removed_layers = searched.keep, searched.keep_nested, searched.removed_layers
             params_after = searched.params_after

@@ -43,7 +43,7 @@ def _prune(folder, out, **options):
 
 def test_search_finds_the_free_layer_drop(planted, tmp_path):
     folder, dense, ratio = planted
-    result = _prune(folder, tmp_path / "out", ratio=ratio, search_generations=6)
+    result = _prune(folder, tmp_path / "out", ratio=ratio, search_generations=6, search_layer_drops=True)
     plan = json.loads((tmp_path / "out" / "prune_plan.json").read_text())
     assert plan["removed_layers"] == [IDENTITY_LAYER]
     assert plan["keep"] == {} and plan["keep_nested"] == {}  # every other layer at full width
@@ -137,7 +137,7 @@ def test_mutations_stay_in_the_band():
     start = Profile(mlp=(3,) * 4 + (7, 7), heads=(0,) + (1,) * 5, dropped=(False,) * 6)
     assert budget.holds(params_of(start, levels, full))
     rng = random.Random(0)
-    settings = SearchSettings(drop_chance=0.3)
+    settings = SearchSettings(drop_chance=0.3)  # layer drops on
     children = [mutate(start, levels, budget, settings, rng) for _ in range(200)]
     assert all(c is None or budget.holds(params_of(c, levels, full)) for c in children)
     assert any(c is not None and any(c.dropped) for c in children)

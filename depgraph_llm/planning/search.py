@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+LAYER_DROP_CHANCE = 0.15  # with --search-layer-drops (off by default: OBS cannot recover a dropped layer)
 HeadLevel = tuple[int | None, int | None]  # (KV groups or heads kept, query heads per KV group kept)
 
 
@@ -65,7 +66,7 @@ class SearchSettings:
     survivors: int = 2
     first_windows: int = 1
     max_moves: int = 3        # level moves per mutation: 1..max_moves
-    drop_chance: float = 0.15  # chance that a move toggles a layer's drop instead of moving a width
+    drop_chance: float = 0.0  # chance that a move toggles a layer's drop (--search-layer-drops: LAYER_DROP_CHANCE)
     held_out_windows: int = 4  # held-aside windows the fitness is measured on
     held_out_tokens: int = 128  # tokens per held-aside window
 
