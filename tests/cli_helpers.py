@@ -1,4 +1,5 @@
 """Run the CLI in a subprocess and fingerprint folders, for tests that must prove nothing was touched."""
+import json
 import hashlib
 import subprocess
 import sys
@@ -41,3 +42,13 @@ def one_line_error(result, code: int = 2) -> str:
     """Assert a failed run exited with `code` and ended with exactly one error line; return that line."""
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
     return error_line(result.stderr)
+
+
+def plan_without_measurements(plan_file: Path) -> dict:
+    """prune_plan.json without the measured block-output errors (what the reconstruction cost, measured by the
+    in-memory path only), so two runs can be compared on what they removed and how they refitted it."""
+    plan = json.loads(Path(plan_file).read_text())
+    report = plan.get("reconstruct_report") or {}
+    for key in [k for k in report if k.startswith("error_")]:
+        del report[key]
+    return plan
