@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from depgraph_llm.errors import UserError
@@ -231,6 +232,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `timeout`), raised where the job is, like Ctrl-C, so temporary output is removed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 COMMANDS = {"prune": cmd_prune, "apply": cmd_apply, "eval": cmd_eval, "graph": cmd_graph, "info": cmd_info,
             "export-gguf": cmd_export_gguf, "recover": cmd_recover}
 
@@ -240,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: local folders only
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         code = COMMANDS[args.command](args)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # finished: a late Ctrl-C must not turn success into a crash
@@ -257,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out_of_memory_message(exc, streaming=bool(getattr(args, 'streaming', False)))}",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("interrupted: nothing was written to the output folder", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, _Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def prune_main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,36 @@ def test_interrupted_streaming_run_leaves_nothing(checkpoint, tmp_path, monkeypa
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_terminated_streaming_run_removes_its_temporary_folder(checkpoint, tmp_path, monkeypatch, capsys):
+    """A real SIGTERM (what `timeout` and job schedulers send) in the middle of writing the layers: the CLI exits
+    143 with one line, and neither the output nor the dot-named temporary folder is left."""
+    import os
+    import signal
+
+    from depgraph_llm import cli
+    from depgraph_llm.layers import streaming
+
+    original = streaming.ShardSink.write
+
+    def write(self, index, name, layer):
+        original(self, index, name, layer)
+        if index == 1:
+            assert [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary folder exists now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(streaming.ShardSink, "write", write)
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "slim"
+    try:
+        code = cli.prune_main(["--model", str(checkpoint), "--out", str(out), "--streaming", "--importance", "l2",
+                               "--reconstruct", "none", "--no-eval", "--round-to", "1", "--seq-len", "32",
+                               "--calibration-samples", "2", "--ratio", "0.3"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and "interrupted" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_streaming_refuses_self_calibration_in_one_line(checkpoint, tmp_path):
     from depgraph_llm.errors import UserError
 
