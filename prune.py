@@ -4,7 +4,7 @@ import sys
 
 if __name__ == "__main__":
     try:
-        from depgraph_llm.cli import prune_main
+        from depgraph_llm.cli.commands import prune_main
     except KeyboardInterrupt:  # Ctrl-C while torch/transformers are still importing
         print("interrupted: nothing was written to the output folder", file=sys.stderr)
         sys.exit(130)

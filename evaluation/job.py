@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from depgraph_llm.calibration import evaluation_text as default_evaluation_text, generated_eval_text
+from depgraph_llm.calibration.sources import evaluation_text as default_evaluation_text, generated_eval_text
 from depgraph_llm.errors import UserError
 from depgraph_llm.checkpoint.files import check_not_source
 from depgraph_llm.checkpoint.loading import cache_dir, load_model, resolve_model_path

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from depgraph_llm.calibration import token_windows
+from depgraph_llm.calibration.sources import token_windows
 
 
 @dataclass

@@ -2,5 +2,5 @@
 (`solvers.py`: least squares, FLAP bias compensation, structured OBS) and their driver (`reconstruct.py`).
 
 Training-based recovery (`trainers/`: LoRA merged into the slim weights, mask-aware fine-tuning, full fine-tuning;
-`distill.py`: distillation from the dense model; `data.py`: recovery text) is driven by `depgraph_llm/recover.py`.
+`distill.py`: distillation from the dense model; `data.py`: recovery text) is driven by `depgraph_llm/job/recover.py`.
 """

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from depgraph_llm.calibration import (LICENSES, CalibrationSource, _text_files, load_text, self_generated_windows,
+from depgraph_llm.calibration.sources import (LICENSES, CalibrationSource, _text_files, load_text, self_generated_windows,
                                       token_windows)
-from depgraph_llm.corpora import available_registers, corpus_part
+from depgraph_llm.calibration.corpora import available_registers, corpus_part
 from depgraph_llm.errors import UserError
-from depgraph_llm.replay import windows_digest
+from depgraph_llm.calibration.record import windows_digest
 
 log = logging.getLogger(__name__)
 SELF_DATA = "self"

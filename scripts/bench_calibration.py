@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from depgraph_llm import pipeline
-from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_MIX, default_files, load_text,
+from depgraph_llm.job import in_memory
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.calibration.sources import (DEFAULT_CALIBRATION_FILES, DEFAULT_MIX, default_files, load_text,
                                       mixed_source, self_source, token_windows)
-from depgraph_llm.corpora import REGISTERS, available_registers, corpus_part
+from depgraph_llm.calibration.corpora import REGISTERS, available_registers, corpus_part
 from depgraph_llm.evaluation.perplexity import perplexity
-from depgraph_llm.self_generation import SELF_RECIPES
+from depgraph_llm.calibration.self_generation import SELF_RECIPES
 
 EVAL_REGISTERS = tuple(REGISTERS)
 EVAL_CHARS = 200_000  # enough for 8 x 512 tokens of every register; keeps tokenization quick
@@ -94,11 +95,11 @@ def run(out: Path, model, tokenizer, model_name: str, ratios: list[float], sourc
 
 
 def prune(model, windows: list[torch.Tensor], ratio: float):
-    """The default recipe through pipeline.prune_in_memory (options object, or the older keyword form)."""
-    if "options" in inspect.signature(pipeline.prune_in_memory).parameters:
-        options = pipeline.PruneOptions(ratio=ratio, show_progress=False, **RECIPE)
-        return pipeline.prune_in_memory(model, windows, options)[0]
-    return pipeline.prune_in_memory(model, calibration=windows, ratio=ratio, **RECIPE)[0]
+    """The default recipe through in_memory.prune_in_memory (options object, or the older keyword form)."""
+    if "options" in inspect.signature(in_memory.prune_in_memory).parameters:
+        options = PruneOptions(ratio=ratio, show_progress=False, **RECIPE)
+        return in_memory.prune_in_memory(model, windows, options)[0]
+    return in_memory.prune_in_memory(model, calibration=windows, ratio=ratio, **RECIPE)[0]
 
 
 def write_markdown(out: Path, data: dict) -> None:

@@ -21,11 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depgraph_llm import pipeline  # noqa: E402
-from depgraph_llm.calibration import default_calibration_source, evaluation_text  # noqa: E402
+from depgraph_llm.job import in_memory  # noqa: E402
+from depgraph_llm.job.options import PruneOptions  # noqa: E402
+from depgraph_llm.job.inputs import calibration_batches, heldout_windows  # noqa: E402
+from depgraph_llm.calibration.sources import default_calibration_source, evaluation_text  # noqa: E402
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
-from depgraph_llm.corpora import available_registers, corpus_part  # noqa: E402
-from depgraph_llm.summary import table  # noqa: E402
+from depgraph_llm.calibration.corpora import available_registers, corpus_part  # noqa: E402
+from depgraph_llm.cli.summary import table  # noqa: E402
 from scripts.bench_reconstruction import REGISTERS, evaluate  # noqa: E402
 
 
@@ -49,18 +51,18 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model(resolve_model_path(args.model))
     texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
-    options = pipeline.PruneOptions(model=args.model or "", ratio=args.ratio, show_progress=False)
+    options = PruneOptions(model=args.model or "", ratio=args.ratio, show_progress=False)
     source = default_calibration_source()
-    calibration = pipeline.calibration_batches(model, tokenizer, source, options)
+    calibration = calibration_batches(model, tokenizer, source, options)
     eval_text, eval_files = evaluation_text(None)
-    heldout = pipeline.heldout_windows(tokenizer, eval_text, calibration, options)
+    heldout = heldout_windows(tokenizer, eval_text, calibration, options)
     rows = [{"row": "dense", "ratio": 0.0, **evaluate(model, tokenizer, texts, args.eval_tokens)}]
     print(json.dumps(rows[-1]), flush=True)
     for row in args.rows.split(","):
         pruned = copy.deepcopy(model)
         torch.manual_seed(0)
         began = time.perf_counter()
-        plan, _ = pipeline.prune_in_memory(pruned, calibration, pipeline.PruneOptions(
+        plan, _ = in_memory.prune_in_memory(pruned, calibration, PruneOptions(
             model=options.model, ratio=args.ratio, show_progress=False, **row_options(row)), heldout=heldout)
         seconds = round(time.perf_counter() - began, 1)
         report = plan.reconstruct_report

@@ -22,12 +22,14 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_reconstruction import REGISTERS, evaluate  # noqa: E402  (scripts/ is on sys.path when run as a script)
-from depgraph_llm import pipeline  # noqa: E402
-from depgraph_llm.calibration import default_calibration_source  # noqa: E402
+from depgraph_llm.job import in_memory  # noqa: E402
+from depgraph_llm.job.options import PruneOptions  # noqa: E402
+from depgraph_llm.job.inputs import calibration_batches  # noqa: E402
+from depgraph_llm.calibration.sources import default_calibration_source  # noqa: E402
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
-from depgraph_llm.corpora import available_registers, corpus_part  # noqa: E402
+from depgraph_llm.calibration.corpora import available_registers, corpus_part  # noqa: E402
 from depgraph_llm.recovery import rotation  # noqa: E402
-from depgraph_llm.summary import table  # noqa: E402
+from depgraph_llm.cli.summary import table  # noqa: E402
 
 VARIANTS = {  # row -> PruneOptions fields on top of --ratio (hidden ones get --hidden-ratio)
     "default-no-hidden": dict(),
@@ -78,9 +80,9 @@ def main() -> None:
     normalised_gram = rotation.normalised_gram
     model, tokenizer = load_model(resolve_model_path(args.model))
     texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
-    options = pipeline.PruneOptions(model=args.model or "", ratio=args.ratio, show_progress=False)
+    options = PruneOptions(model=args.model or "", ratio=args.ratio, show_progress=False)
     source = default_calibration_source()
-    calibration = pipeline.calibration_batches(model, tokenizer, source, options)
+    calibration = calibration_batches(model, tokenizer, source, options)
     rows = [{"row": "dense", "ratio": 0.0, "widths": widths(model), **evaluate(model, tokenizer, texts, args.eval_tokens)}]
     print(json.dumps(rows[-1]), flush=True)
     for label in args.rows.split(","):
@@ -95,7 +97,7 @@ def main() -> None:
         pruned = copy.deepcopy(model)
         torch.manual_seed(0)
         began = time.perf_counter()
-        plan, _ = pipeline.prune_in_memory(pruned, calibration, pipeline.PruneOptions(
+        plan, _ = in_memory.prune_in_memory(pruned, calibration, PruneOptions(
             model=options.model, ratio=ratio, importance=args.importance, show_progress=False, **fields))
         rows.append({"row": label, "ratio": round(ratio, 4), "achieved": round(plan.ratio_achieved, 4),
                      "widths": widths(pruned), "prune_s": round(time.perf_counter() - began, 1),

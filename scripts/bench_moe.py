@@ -28,14 +28,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
-from depgraph_llm.calibration import DEFAULT_CALIBRATION_FILES, default_files, load_text, token_windows
-from depgraph_llm.corpora import corpus_part
+from depgraph_llm.calibration.sources import DEFAULT_CALIBRATION_FILES, default_files, load_text, token_windows
+from depgraph_llm.calibration.corpora import corpus_part
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
 from depgraph_llm.evaluation.perplexity import perplexity
 from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.importance import get_estimator, score_groups
-from depgraph_llm.pipeline import PruneOptions, _Timer, apply_in_memory
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.timing import StageTimer
+from depgraph_llm.job.in_memory import apply_in_memory
 from depgraph_llm.planning.budget import ParamCounter, top_k
 from depgraph_llm.planning.plan import PrunePlan
 
@@ -117,7 +119,7 @@ def remove_experts(moe, coupling, keep: dict[str, list[int]], method: str = "dro
     plan = PrunePlan("", "mixtral", "bench", "experts", 0, 0.0, 1, params,
                      counter.count({name: len(units) for name, units in keep.items()}), keep=keep)
     options = PruneOptions(reconstruct="none", expert_reconstruct=method, show_progress=False)
-    apply_in_memory(moe, coupling, plan, calibration or [], options, _Timer())
+    apply_in_memory(moe, coupling, plan, calibration or [], options, StageTimer())
     return {k: v for k, v in plan.expert_reconstruct_report.items() if k != "per_layer"}
 
 

@@ -22,13 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depgraph_llm import pipeline  # noqa: E402
-from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files,  # noqa: E402
+from depgraph_llm.job import in_memory  # noqa: E402
+from depgraph_llm.job.options import PruneOptions  # noqa: E402
+from depgraph_llm.calibration.sources import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files,  # noqa: E402
                                       load_text, self_generated_windows, token_windows)
 from depgraph_llm.errors import UserError  # noqa: E402
 from depgraph_llm.importance import ESTIMATORS  # noqa: E402
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
-from depgraph_llm.summary import table  # noqa: E402
+from depgraph_llm.cli.summary import table  # noqa: E402
 from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
 from depgraph_llm.recovery.reconstruct import METHODS, MODES  # noqa: E402
 
@@ -41,7 +42,7 @@ class ScoreCache:
 
     def __init__(self) -> None:
         self.scores: dict[tuple[str, str], dict] = {}
-        self.original = pipeline.score_groups
+        self.original = in_memory.score_groups
 
     def bind(self, key: str):
         def score(model, groups, estimator, batches, show_progress=False):
@@ -49,7 +50,7 @@ class ScoreCache:
             if slot not in self.scores:
                 self.scores[slot] = self.original(model, groups, estimator, batches, show_progress)
             return self.scores[slot]
-        pipeline.score_groups = score
+        in_memory.score_groups = score
 
 
 def measure(model, tokenizer, eval_text: str, cache: ScoreCache, calibration: list, calibration_name: str,
@@ -60,7 +61,7 @@ def measure(model, tokenizer, eval_text: str, cache: ScoreCache, calibration: li
     torch.manual_seed(0)
     start = time.perf_counter()
     try:
-        plan, _ = pipeline.prune_in_memory(pruned, calibration, pipeline.PruneOptions(
+        plan, _ = in_memory.prune_in_memory(pruned, calibration, PruneOptions(
             ratio=ratio, show_progress=False, **{"reconstruct": "none", **options}))
     except UserError as exc:
         return {"error": str(exc)}

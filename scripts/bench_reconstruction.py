@@ -20,13 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depgraph_llm import pipeline  # noqa: E402
-from depgraph_llm.calibration import default_calibration_source  # noqa: E402
+from depgraph_llm.job import in_memory  # noqa: E402
+from depgraph_llm.job.options import PruneOptions  # noqa: E402
+from depgraph_llm.job.inputs import calibration_batches  # noqa: E402
+from depgraph_llm.calibration.sources import default_calibration_source  # noqa: E402
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
-from depgraph_llm.corpora import available_registers, corpus_part  # noqa: E402
+from depgraph_llm.calibration.corpora import available_registers, corpus_part  # noqa: E402
 from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
 from depgraph_llm.recovery import reconstruct  # noqa: E402
-from depgraph_llm.summary import table  # noqa: E402
+from depgraph_llm.cli.summary import table  # noqa: E402
 
 REGISTERS = ("fortunes", "jargon", "licences")
 
@@ -45,9 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model(resolve_model_path(args.model))
     texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
-    options = pipeline.PruneOptions(model=args.model or "", ratio=0.25, show_progress=False)
+    options = PruneOptions(model=args.model or "", ratio=0.25, show_progress=False)
     source = default_calibration_source()
-    calibration = pipeline.calibration_batches(model, tokenizer, source, options)
+    calibration = calibration_batches(model, tokenizer, source, options)
     rows = [{"row": "dense", "ratio": 0.0, **evaluate(model, tokenizer, texts, args.eval_tokens)}]
     print(json.dumps(rows[-1]), flush=True)
     nested_heads, restat = reconstruct._nested_heads, reconstruct.Reconstruction.restat
@@ -59,7 +61,7 @@ def main() -> None:
             pruned = copy.deepcopy(model)
             torch.manual_seed(0)
             began = time.perf_counter()
-            plan, _ = pipeline.prune_in_memory(pruned, calibration, pipeline.PruneOptions(
+            plan, _ = in_memory.prune_in_memory(pruned, calibration, PruneOptions(
                 model=options.model, ratio=ratio, show_progress=False))
             rows.append({"row": label, "ratio": ratio, "achieved": round(plan.ratio_achieved, 4),
                          "prune_s": round(time.perf_counter() - began, 1),

@@ -3,7 +3,7 @@
 
 For each ratio and row (none, lora, lora+distill, masked, full) it trains once for max(--eval-at) steps and
 measures perplexity on held-out text of several registers at each step of --eval-at (same run). The recovery
-text is the `training` part of --train-registers (depgraph_llm.corpora, when present) or the default recovery
+text is the `training` part of --train-registers (depgraph_llm.calibration.corpora, when present) or the default recovery
 licences; evaluation uses the `evaluation` parts, which are in neither calibration nor recovery text.
 
 One (ratio, row) per process is the intended use (peak memory is then per row); results are appended to
@@ -31,12 +31,12 @@ ROWS = {"none": None, "lora": ("lora", False), "lora+distill": ("lora", True), "
 
 def texts(args) -> tuple[dict[str, str], str, list[str]]:
     """Evaluation text per register, the recovery text, and the recovery files/parts (for the record)."""
-    from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
+    from depgraph_llm.calibration.sources import DEFAULT_EVAL_FILES, default_files, load_text
     from depgraph_llm.recovery.data import fallback_recovery_files
 
     evaluation = {"licences": load_text(default_files(DEFAULT_EVAL_FILES))}
     try:
-        from depgraph_llm import corpora
+        from depgraph_llm.calibration import corpora
     except ImportError:
         corpora = None
     if corpora is None:
@@ -91,7 +91,8 @@ def write_table(out: Path) -> None:
 
 
 def slim_checkpoint(ratio: float, work: Path) -> Path:
-    from depgraph_llm.pipeline import PruneOptions, run_prune
+    from depgraph_llm.job.options import PruneOptions
+    from depgraph_llm.job.prune import run_prune
 
     folder = work / f"slim-{ratio:g}"
     if not (folder / "prune_report.json").is_file():
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         print((args.out / "results.md").read_text())
         return 0
     from depgraph_llm.checkpoint.loading import default_model_dir, load_model
-    from depgraph_llm.recover import RecoverOptions, run_recover
+    from depgraph_llm.job.recover import RecoverOptions, run_recover
 
     evaluation, train_text, train_parts = texts(args)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from depgraph_llm.checkpoint.loading import load_model, load_pruned, resolve_model_path  # noqa: E402
-from depgraph_llm.corpora import available_registers, corpus_part  # noqa: E402
+from depgraph_llm.calibration.corpora import available_registers, corpus_part  # noqa: E402
 from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
-from depgraph_llm.summary import table  # noqa: E402
+from depgraph_llm.cli.summary import table  # noqa: E402
 
 REGISTERS = ("fortunes", "jargon", "licences")  # as scripts/bench_reconstruction.py
 

@@ -23,11 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files,  # noqa: E402
+from depgraph_llm.calibration.sources import (DEFAULT_CALIBRATION_FILES, DEFAULT_EVAL_FILES, default_files,  # noqa: E402
                                       load_text, token_windows)
 from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
-from depgraph_llm.pipeline import PruneOptions, prune_in_memory  # noqa: E402
-from depgraph_llm.summary import table  # noqa: E402
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.in_memory import prune_in_memory  # noqa: E402
+from depgraph_llm.cli.summary import table  # noqa: E402
 from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depgraph_llm.corpora import REGISTERS, corpora_dir  # noqa: E402
+from depgraph_llm.calibration.corpora import REGISTERS, corpora_dir  # noqa: E402
 
 
 def fetch(package: str, target: Path) -> None:

@@ -90,7 +90,8 @@ def run_case(name: str, prune) -> dict[str, str]:
 
 def prune_case(model, batches, options):
     """The in-memory prune job on one case (the options object of `prune_in_memory`)."""
-    from depgraph_llm.pipeline import PruneOptions, prune_in_memory
+    from depgraph_llm.job.options import PruneOptions
+    from depgraph_llm.job.in_memory import prune_in_memory
 
     plan, _ = prune_in_memory(model, batches, PruneOptions(show_progress=False, **{"reconstruct": "none", **options}))
     return plan

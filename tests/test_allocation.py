@@ -5,7 +5,9 @@ import json
 import pytest
 
 from depgraph_llm.importance import ESTIMATORS
-from depgraph_llm.pipeline import PruneOptions, run_apply, run_prune
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.replay_plan import run_apply
+from depgraph_llm.job.prune import run_prune
 from depgraph_llm.errors import UserError
 from tests.tiny import save_tiny_checkpoint
 

@@ -18,7 +18,7 @@ from depgraph_llm.removal.apply import apply_plan, mask_model
 from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import GroupKind
-from depgraph_llm.pipeline import save_checkpoint
+from depgraph_llm.job.output import save_checkpoint
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.planning.budget import ParamCounter
 from depgraph_llm.models import spec_for

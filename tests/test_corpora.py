@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from depgraph_llm import corpora
-from depgraph_llm.calibration import CalibrationSource, default_eval_part, file_source, mixed_source
-from depgraph_llm.corpora import PARTS, REGISTERS, CorpusPart, Register, corpus_part
+from depgraph_llm.calibration import corpora
+from depgraph_llm.calibration.sources import CalibrationSource, default_eval_part, file_source, mixed_source
+from depgraph_llm.calibration.corpora import PARTS, REGISTERS, CorpusPart, Register, corpus_part
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_file_split_is_disjoint_complete_and_skips_symlinks(files_register):
 
 def test_split_is_the_same_in_a_fresh_process(files_register):
     here = {p: sorted(corpus_part("toy", p).files) for p in PARTS}
-    code = ("import json, sys; from depgraph_llm import corpora; from depgraph_llm.corpora import *;"
+    code = ("import json, sys; from depgraph_llm.calibration import corpora; from depgraph_llm.calibration.corpora import *;"
             f"REGISTERS['toy'] = Register('toy', 'toy', {str(files_register)!r}, '**/*.txt');"
             "print(json.dumps({p: sorted(corpus_part('toy', p).files) for p in PARTS}))")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -154,7 +154,8 @@ def test_file_source_records_its_files(tmp_path):
 
 
 def test_prune_without_any_text_calibrates_and_evaluates_on_generated_text(no_corpora, tiny_checkpoint, caplog):
-    from depgraph_llm.pipeline import PruneOptions, run_prune
+    from depgraph_llm.job.options import PruneOptions
+    from depgraph_llm.job.prune import run_prune
 
     out = no_corpora / "pruned"
     with caplog.at_level(logging.WARNING):
@@ -169,9 +170,10 @@ def test_prune_without_any_text_calibrates_and_evaluates_on_generated_text(no_co
 
 
 def test_default_prune_report_records_registers_files_and_sha256(tiny_checkpoint, tmp_path):
-    from depgraph_llm.calibration import DEFAULT_CALIBRATION_REGISTERS
-    from depgraph_llm.corpora import available_registers
-    from depgraph_llm.pipeline import PruneOptions, run_prune
+    from depgraph_llm.calibration.sources import DEFAULT_CALIBRATION_REGISTERS
+    from depgraph_llm.calibration.corpora import available_registers
+    from depgraph_llm.job.options import PruneOptions
+    from depgraph_llm.job.prune import run_prune
 
     present = available_registers(DEFAULT_CALIBRATION_REGISTERS)
     if not present:
@@ -187,9 +189,9 @@ def test_default_prune_report_records_registers_files_and_sha256(tiny_checkpoint
 
 
 def test_licence_calibration_at_default_sizes_is_the_old_default():
-    from depgraph_llm.calibration import (DEFAULT_CALIBRATION_FILES, default_files, load_text, mixed_source,
+    from depgraph_llm.calibration.sources import (DEFAULT_CALIBRATION_FILES, default_files, load_text, mixed_source,
                                           token_windows)
-    from depgraph_llm.corpora import is_available
+    from depgraph_llm.calibration.corpora import is_available
     from tests.tiny import tiny_tokenizer
 
     if not is_available("licences"):

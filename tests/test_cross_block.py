@@ -15,12 +15,14 @@ from depgraph_llm.layers import InMemorySource, LayerPipeline
 from depgraph_llm.layers.pipeline import LayerSink
 from depgraph_llm.layers.sink import SliceSink
 from depgraph_llm.models import spec_for
-from depgraph_llm.pipeline import PruneOptions, run_apply, run_prune
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.replay_plan import run_apply
+from depgraph_llm.job.prune import run_prune
 from depgraph_llm.planning.plan import axis_masks
 from depgraph_llm.recovery.cross_block import CrossBlockSettings, disjoint_windows, prepare_cross_block
 from depgraph_llm.recovery.reconstruct import prepare_reconstruction
 from depgraph_llm.removal.apply import apply_plan
-from depgraph_llm.summary import _reconstruction
+from depgraph_llm.cli.summary import _reconstruction
 from tests.cli_helpers import FAST, one_line_error, run_prune as run_prune_cli
 from tests.test_slim_checkpoints import SHAPES, _plan
 from tests.tiny import tiny_model

@@ -4,9 +4,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from depgraph_llm import GroupKind, build_coupling
-from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
+from depgraph_llm.calibration.sources import DEFAULT_EVAL_FILES, default_files, load_text
 from depgraph_llm.checkpoint.loading import default_model_dir, load_model
-from depgraph_llm.pipeline import PruneOptions, run_prune
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.prune import run_prune
 from depgraph_llm.evaluation.perplexity import perplexity
 
 pytestmark = pytest.mark.slow

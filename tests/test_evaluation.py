@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from depgraph_llm.removal.apply import apply_plan
-from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
+from depgraph_llm.calibration.sources import DEFAULT_EVAL_FILES, default_files, load_text
 from depgraph_llm.evaluation import speed
 from depgraph_llm.evaluation.memory import measure_peak_memory
 from depgraph_llm.evaluation.report import _markdown, write_report

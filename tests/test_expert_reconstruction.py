@@ -16,7 +16,9 @@ from depgraph_llm.errors import UserError
 from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.importance.experts import route
-from depgraph_llm.pipeline import PruneOptions, _Timer, apply_in_memory
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.timing import StageTimer
+from depgraph_llm.job.in_memory import apply_in_memory
 from depgraph_llm.planning.budget import ParamCounter
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.recovery.experts import (EXPERT_METHODS, MoEBlock, assign_clusters, cluster_logits, get_method,
@@ -135,7 +137,7 @@ def prune_experts(model, keep: list[int], method: str, batches) -> PrunePlan:
     plan = PrunePlan("", model.config.model_type, "test", "uniform", 0, 0.1, 1, params,
                      counter.count({n: len(k) for n, k in keeps.items()}), keep=keeps)
     options = PruneOptions(reconstruct="none", expert_reconstruct=method, show_progress=False)
-    apply_in_memory(model, coupling, plan, batches, options, _Timer())
+    apply_in_memory(model, coupling, plan, batches, options, StageTimer())
     return plan
 
 
@@ -158,7 +160,9 @@ def test_pipeline_records_the_method_and_the_merged_model_runs_stock(tmp_path):
     """prune_plan.json / report carry the method and per-layer errors; `apply` refuses to replay a refit plan."""
     from transformers import AutoModelForCausalLM
 
-    from depgraph_llm.pipeline import run_apply, save_checkpoint
+    from depgraph_llm.job.replay_plan import run_apply
+
+    from depgraph_llm.job.output import save_checkpoint
     from tests.tiny import tiny_tokenizer
 
     model = tiny_moe("qwen3-moe")

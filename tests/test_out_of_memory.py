@@ -4,8 +4,8 @@ import errno
 
 import pytest
 
-from depgraph_llm import cli
-from depgraph_llm.stage_memory import is_out_of_memory, out_of_memory_message
+from depgraph_llm.cli import commands as cli
+from depgraph_llm.job.stage_memory import is_out_of_memory, out_of_memory_message
 
 ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
              "to allocate 4000000000 bytes. Error code 12 (Cannot allocate memory)")
@@ -28,7 +28,7 @@ def test_message_points_the_in_memory_path_to_streaming():
 
 @pytest.mark.parametrize("raised", [RuntimeError(ALLOCATOR), MemoryError()])
 def test_cli_turns_an_allocation_failure_into_one_line(raised, tmp_path, monkeypatch, capsys):
-    from depgraph_llm import pipeline
+    from depgraph_llm.job import prune as pipeline
 
     seen = {}
 
@@ -45,7 +45,7 @@ def test_cli_turns_an_allocation_failure_into_one_line(raised, tmp_path, monkeyp
 
 
 def test_other_failures_still_raise(tmp_path, monkeypatch):
-    from depgraph_llm import pipeline
+    from depgraph_llm.job import prune as pipeline
 
     monkeypatch.setattr(pipeline, "run_prune", lambda options: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):

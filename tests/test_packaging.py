@@ -11,7 +11,7 @@ def test_api_imports_from_a_folder_with_its_own_models_package(tmp_path):
     for name in ("models", "recovery", "evaluation"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("USER_PACKAGE = True\n")
-    code = ("from depgraph_llm.pipeline import run_prune\n"
+    code = ("from depgraph_llm.job.prune import run_prune\n"
             "import depgraph_llm.models, depgraph_llm.recovery.reconstruct, depgraph_llm.evaluation.job\n"
             "import models, recovery, evaluation\n"
             "assert models.USER_PACKAGE and recovery.USER_PACKAGE and evaluation.USER_PACKAGE\n"

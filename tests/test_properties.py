@@ -16,7 +16,7 @@ from depgraph_llm import build_coupling
 from depgraph_llm.errors import UserError
 from depgraph_llm.importance import get_estimator, score_groups
 from depgraph_llm.models import spec_for
-from depgraph_llm.pipeline import config_accepts
+from depgraph_llm.job.in_memory import config_accepts
 from depgraph_llm.planning.budget import ParamCounter, plan_uniform
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.removal.apply import apply_plan, mask_model

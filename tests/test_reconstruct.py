@@ -224,7 +224,7 @@ def test_bias_reconstruction_refused_where_the_config_cannot_hold_a_bias(tmp_pat
 
 
 def test_self_generated_calibration_is_seeded_and_from_the_model():
-    from depgraph_llm.calibration import self_generated_windows
+    from depgraph_llm.calibration.sources import self_generated_windows
     from tests.tiny import tiny_tokenizer
 
     model, tokenizer = tiny_model(), tiny_tokenizer()

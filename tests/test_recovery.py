@@ -13,8 +13,8 @@ from depgraph_llm import load_pruned
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.models import spec_for
-from depgraph_llm.pipeline import save_checkpoint
-from depgraph_llm.recover import RecoverOptions, run_recover, state_dir_for
+from depgraph_llm.job.output import save_checkpoint
+from depgraph_llm.job.recover import RecoverOptions, run_recover, state_dir_for
 from depgraph_llm.recovery.data import RecoveryData, batch_indices
 from depgraph_llm.recovery.distill import kl_loss, mixed_loss, topk_kl_loss
 from depgraph_llm.recovery.trainers import TrainSettings, get_trainer, train
@@ -69,7 +69,7 @@ def test_merged_lora_matches_adapter_model_and_loads(tmp_path, shape):
     recovery = json.loads((out / "prune_report.json").read_text())["recovery"]
     assert recovery["trainer"] == "lora" and recovery["steps"] == 3 and len(recovery["loss_curve"]) == 3
     assert recovery["tokens"] == 3 * 2 * 32 and recovery["data"]["files"] == result.report["recovery"]["data"]["files"]
-    from depgraph_llm.corpora import available_registers
+    from depgraph_llm.calibration.corpora import available_registers
     from depgraph_llm.recovery.data import DEFAULT_RECOVERY_REGISTERS, FALLBACK_RECOVERY_FILES
 
     expected = ([f"{r}:training" for r in available_registers(DEFAULT_RECOVERY_REGISTERS)]

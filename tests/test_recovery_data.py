@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from depgraph_llm import corpora
-from depgraph_llm.corpora import REGISTERS, Register
+from depgraph_llm.calibration import corpora
+from depgraph_llm.calibration.corpora import REGISTERS, Register
 from depgraph_llm.errors import UserError
 from depgraph_llm.recovery import data
 from depgraph_llm.recovery.data import FALLBACK_RECOVERY_FILES, load_recovery_data
@@ -63,6 +63,6 @@ def test_without_corpora_the_licence_fallback_is_used_and_named(tmp_path, monkey
 
 
 def test_the_default_registers_leave_the_default_evaluation_register_out():
-    from depgraph_llm.calibration import DEFAULT_EVAL_REGISTERS
+    from depgraph_llm.calibration.sources import DEFAULT_EVAL_REGISTERS
 
     assert DEFAULT_EVAL_REGISTERS[0] not in data.DEFAULT_RECOVERY_REGISTERS

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from depgraph_llm import cli
+from depgraph_llm.cli import commands as cli
 from tests.cli_helpers import FAST, ROOT, error_line, one_line_error, run_cli, run_prune, tree_digest
 from tests.tiny import save_tiny_checkpoint
 
@@ -58,7 +58,7 @@ def test_unknown_architecture_names_nearest(tmp_path):
 
 
 def test_trace_failure_points_to_guide(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    import depgraph_llm.pipeline as pipeline
+    import depgraph_llm.job.in_memory as pipeline
 
     def broken(model):
         raise RuntimeError("unsupported op in forward\nmore detail")

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from depgraph_llm.errors import UserError
-from depgraph_llm.pipeline import PruneOptions, run_apply, run_prune
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.replay_plan import run_apply
+from depgraph_llm.job.prune import run_prune
 
 LICENCE = Path("/usr/share/common-licenses/GPL-2")
 

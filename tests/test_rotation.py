@@ -14,7 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.layers import InMemorySource, LayerPipeline
-from depgraph_llm.pipeline import PruneOptions, prune_in_memory, run_apply, save_checkpoint
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.in_memory import prune_in_memory
+from depgraph_llm.job.replay_plan import run_apply
+from depgraph_llm.job.output import save_checkpoint
 from depgraph_llm.recovery.rotation import (ResidualPCA, fold_norms, pca_basis, residual_roles, rotate_and_slice,
                                             sliced_norm, untie_head)
 from tests.cli_helpers import FAST as FAST_CLI, run_prune as run_prune_cli

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from depgraph_llm.checkpoint.loading import load_pruned
 from depgraph_llm.errors import UserError
-from depgraph_llm.pipeline import PruneOptions, run_prune
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.prune import run_prune
 from depgraph_llm.planning.search import Budget, LayerLevels, Profile, SearchSettings, evolve, mutate, params_of
 from depgraph_llm.removal.slim_config import is_heterogeneous
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -165,7 +166,7 @@ def test_masked_candidate_computes_what_the_pruned_model_computes():
     import copy
 
     from depgraph_llm.models import spec_for
-    from depgraph_llm.pipeline import couple_or_explain
+    from depgraph_llm.job.in_memory import couple_or_explain
     from depgraph_llm.planning.budget import Allocation, ParamCounter
     from depgraph_llm.planning.fitness import ProfileScorer
     from depgraph_llm.planning.plan import PrunePlan

@@ -13,7 +13,7 @@ import torch
 from depgraph_llm import load_pruned
 from depgraph_llm.removal.apply import apply_plan
 from depgraph_llm.graph.coupling import build_coupling
-from depgraph_llm.pipeline import save_checkpoint
+from depgraph_llm.job.output import save_checkpoint
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.models import spec_for
 from tests.tiny import tiny_model, tiny_tokenizer

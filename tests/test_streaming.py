@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from depgraph_llm.checkpoint.loading import load_pruned
-from depgraph_llm.pipeline import PruneOptions, run_prune
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.prune import run_prune
 from tests.cli_helpers import ROOT, plan_without_measurements
 from tests.tiny import save_tiny_checkpoint
 
@@ -112,7 +113,7 @@ def test_terminated_streaming_run_removes_its_temporary_folder(checkpoint, tmp_p
     import os
     import signal
 
-    from depgraph_llm import cli
+    from depgraph_llm.cli import commands as cli
     from depgraph_llm.layers import streaming
 
     original = streaming.ShardSink.write
@@ -149,8 +150,9 @@ PEAK_PROBE = """
 import sys
 from pathlib import Path
 from depgraph_llm.checkpoint.loading import load_pruned
-from depgraph_llm.pipeline import PruneOptions, run_prune
-from depgraph_llm.stage_memory import peak_rss, reset_peak
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.prune import run_prune
+from depgraph_llm.job.stage_memory import peak_rss, reset_peak
 import torch, transformers  # imported before the baseline
 reset_peak()
 start = peak_rss()
@@ -188,7 +190,7 @@ def test_streaming_peak_memory_is_flat_in_depth(tmp_path):
 
 
 def test_streaming_dry_run_predicts_memory_and_writes_nothing(checkpoint, tmp_path):
-    from depgraph_llm.memory_plan import layer_params
+    from depgraph_llm.job.memory_plan import layer_params
 
     result = run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "x", streaming=True, dry_run=True,
                                     importance="wanda-sp", reconstruct="ls", **SMALL))

@@ -12,7 +12,8 @@ from depgraph_llm.checkpoint.loading import load_pruned
 from depgraph_llm.checkpoint.shards import ShardReader
 from depgraph_llm.checkpoint.stored_layout import StoredLayout
 from depgraph_llm.layers.streaming import skeleton
-from depgraph_llm.pipeline import PruneOptions, run_prune
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.prune import run_prune
 from tests.cli_helpers import plan_without_measurements
 from tests.tiny import save_tiny_checkpoint
 

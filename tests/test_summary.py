@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from depgraph_llm.summary import key_value_table, prune_summary
+from depgraph_llm.cli.summary import key_value_table, prune_summary
 
 LONG_PATH = "/data/checkpoints/" + "very-long-folder-name-" * 6 + "model"
 TIMINGS = {f"stage{i}": 10.0 + i for i in range(14)}
@@ -21,7 +21,7 @@ def _report() -> dict:
 
 @pytest.mark.parametrize("width", [60, 80, 100])
 def test_prune_summary_fits_the_terminal_and_keeps_every_word(width, monkeypatch):
-    monkeypatch.setattr("depgraph_llm.summary.terminal_width", lambda: width)
+    monkeypatch.setattr("depgraph_llm.cli.summary.terminal_width", lambda: width)
     text = prune_summary(_report(), Path("out"))
     lines = text.strip("\n").splitlines()
     assert max(len(line) for line in lines) <= width

@@ -16,7 +16,7 @@ import pytest
 
 from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.models import spec_for
-from depgraph_llm.pipeline import save_checkpoint
+from depgraph_llm.job.output import save_checkpoint
 from depgraph_llm.removal.apply import apply_plan
 from tests.test_slim_checkpoints import SHAPES, _plan
 from tests.tiny import tiny_model, tiny_tokenizer

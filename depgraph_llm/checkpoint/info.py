@@ -9,7 +9,7 @@ from safetensors import safe_open
 from depgraph_llm.models import spec_for
 from depgraph_llm.checkpoint.files import corrupt_weights_error, read_checkpoint_config
 from depgraph_llm.removal.slim_config import base_model_type, saved_per_layer_widths
-from depgraph_llm.summary import table
+from depgraph_llm.cli.summary import table
 
 
 def checkpoint_params(folder: Path) -> int:

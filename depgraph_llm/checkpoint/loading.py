@@ -151,8 +151,9 @@ def load_pruned(path: str | Path, **kwargs) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
 
 
-def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
-    """Load an HF causal LM folder in fp32 on CPU with its tokenizer (safetensors; no remote code unless asked)."""
+def load_model(path: Path, trust_remote_code: bool = False, device_map: str | None = None) -> tuple[nn.Module, object]:
+    """Load an HF causal LM folder in fp32 with its tokenizer (safetensors; no remote code unless asked): on the
+    CPU, or spread over the GPUs by `device_map` (a --device-map spec: strategy name or JSON, checkpoint/device_map.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -174,15 +175,30 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
     if not causal and not (config.architectures is None and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         raise UserError(f"{path} holds a {config.architectures or config.model_type} model, not a causal LM; "
                         "depgraph-llm prunes *ForCausalLM checkpoints")
+    placement = {}
+    if device_map is not None:
+        from depgraph_llm.checkpoint.device_map import check_placeable, parse_device_map
+
+        placement = {"device_map": parse_device_map(device_map)}
+        check_placeable(placement["device_map"], device_map)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True,
+                                                     **placement)
     except Exception as exc:  # noqa: BLE001 - safetensors/transformers raise many types for bad files
-        from depgraph_llm.stage_memory import is_out_of_memory
+        from depgraph_llm.job.stage_memory import is_out_of_memory
 
         if is_out_of_memory(exc):  # not a bad file: the CLI says how to prune it without loading it whole
             raise
+        if placement and "offload" in str(exc):  # a strategy that would spill weights beyond the GPUs
+            from depgraph_llm.checkpoint.device_map import refuse_offload
+
+            refuse_offload([f"part of the model ({str(exc).splitlines()[0][:120]})"])
         raise UserError(f"cannot load weights from {path}: {str(exc).splitlines()[0][:200]}; "
                         "the checkpoint must contain complete .safetensors files")
+    if placement:
+        from depgraph_llm.checkpoint.device_map import check_resident
+
+        check_resident(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer

@@ -17,7 +17,7 @@ from depgraph_llm.graph.coupling import CouplingGraph, find_layers_path
 from depgraph_llm.models import ArchSpec
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.removal.apply import slice_layer
-from depgraph_llm.stage_memory import release_free_heap
+from depgraph_llm.job.stage_memory import release_free_heap
 
 from .pipeline import LayerSink
 from .spill import ActivationStore

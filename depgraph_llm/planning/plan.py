@@ -43,7 +43,7 @@ class PrunePlan:
     allocation: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict)  # --schedule search: the chosen profile and its fitness
     chosen_by: dict[str, str] = field(default_factory=dict)  # group -> what re-chose its units, if not `estimator`
-    calibration: dict = field(default_factory=dict)  # the calibration source and windows digest (replay.py)
+    calibration: dict = field(default_factory=dict)  # the calibration source and windows digest (calibration/record.py)
     hidden_method: str = "select"  # hidden channels: selected, or "rotate" (PCA rotation first, recovery/rotation.py)
     rotation_report: dict = field(default_factory=dict)
     format: int = PLAN_FORMAT

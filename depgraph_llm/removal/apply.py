@@ -65,7 +65,7 @@ def _slice_parameters(root: nn.Module, prefix: str, masks: dict[tuple[str, int],
         old = params[name]
         data = old.data
         for axis, index in sorted(axes.items()):
-            data = data.index_select(axis, index)
+            data = data.index_select(axis, index.to(data.device))  # a device map keeps weights on their GPU
         new = nn.Parameter(data.contiguous(), requires_grad=old.requires_grad)
         for module, attr in owners[id(old)]:
             setattr(module, attr, new)

@@ -6,22 +6,25 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from depgraph_llm.calibration import token_windows
-from depgraph_llm.replay import calibration_record
+from depgraph_llm.calibration.sources import token_windows
+from depgraph_llm.calibration.record import calibration_record
 from depgraph_llm.checkpoint.files import atomic_dir, check_free_space, weights_hash, write_json
 from depgraph_llm.checkpoint.shards import ShardReader, ShardWriter
 from depgraph_llm.errors import UserError
 from depgraph_llm.evaluation.perplexity import PerplexityResult
 from depgraph_llm.importance import get_estimator
 from depgraph_llm.layers import LayerCallback, LayerPipeline
-from depgraph_llm.memory_plan import predict_peak
-from depgraph_llm.streaming_limits import MAX_SHARD_BYTES
+from depgraph_llm.job.in_memory import layer_progress, plan_in_memory, reconstruction_stages, record_reconstruction
+from depgraph_llm.job.inputs import calibration_batches, calibration_texts, fit_windows_to_context, vocab_ids_for
+from depgraph_llm.job.options import PruneResult, allocation_for
+from depgraph_llm.job.output import plan_report, pruned_tokenizer
+from depgraph_llm.job.memory_plan import predict_peak
+from depgraph_llm.job.streaming_limits import MAX_SHARD_BYTES
 from depgraph_llm.layers.streaming import DTYPES, ShardSink, StreamingSource, streamed_adopt
 from depgraph_llm.models import spec_for
 from depgraph_llm.removal.apply import finish_plan
@@ -95,7 +98,6 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
     """The prune job with one decoder layer in memory at a time; returns a PruneResult like run_prune."""
     from transformers import AutoTokenizer
 
-    from depgraph_llm import pipeline as job
 
     estimator = get_estimator(options.importance)
     _refuse_unsupported(options)
@@ -108,8 +110,8 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
         source_hash = weights_hash(model_path)
     model = source.model
-    options = job.fit_windows_to_context(options, model.config)
-    cal_source, eval_text, cal_files, eval_files = job._texts(options)
+    options = fit_windows_to_context(options, model.config)
+    cal_source, eval_text, cal_files, eval_files = calibration_texts(options)
     if eval_text is None and options.evaluate:
         raise UserError("no evaluation text is installed and the streaming path cannot generate one; pass "
                         "--eval-text FILE or --no-eval")
@@ -118,32 +120,32 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
                          or options.reconstruct != "none" or options.expert_reconstruct != "drop"
                          or options.layers_removed is not None)
     with timer("calibration"):
-        calibration = job.calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
+        calibration = calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
     spec = spec_for(model.config.model_type)
-    allocation = job.allocation_for(options, getattr(model.config, spec.layers_field))
+    allocation = allocation_for(options, getattr(model.config, spec.layers_field))
     if options.vocab_keep:
-        allocation = replace(allocation, vocab_ids=tuple(job._vocab_ids(model, tokenizer, cal_text, calibration,
+        allocation = replace(allocation, vocab_ids=tuple(vocab_ids_for(model, tokenizer, cal_text, calibration,
                                                                          options)))
-    progress = job._progress
+    progress = layer_progress
     ppl_before = None
     if options.evaluate and not options.dry_run:
         with timer("perplexity_before"):
             ppl_before = streamed_perplexity(source, tokenizer, eval_text, options.eval_seq_len, options.eval_tokens,
                                              progress("perplexity (layer by layer)", options.show_progress))
-    plan, coupling = job.plan_in_memory(model, calibration, options, source_hash, timer, allocation, source=source)
+    plan, coupling = plan_in_memory(model, calibration, options, source_hash, timer, allocation, source=source)
     plan.calibration = calibration_record(cal_source, calibration, options.seq_len, options.seed) if calibration else {}
     if options.dry_run:
-        report = job.plan_report(model_path, source_hash, coupling, plan, timer)
+        report = plan_report(model_path, source_hash, coupling, plan, timer)
         report.update(dry_run=True, streaming=True,
                       estimated_checkpoint_bytes=plan.params_after * torch.empty(0, dtype=reader_dtype).element_size(),
                       memory=predict_peak(model.config, options, torch.empty(0, dtype=reader_dtype).element_size(),
                                           plan.params_before).to_dict())
-        return job.PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+        return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
     out_dtype = reader_dtype
     check_free_space(out, plan.params_after * torch.empty(0, dtype=out_dtype).element_size())
     with atomic_dir(out, options.overwrite) as tmp:
         write_slim_checkpoint(source, coupling, plan, calibration, options, tmp, out_dtype, timer)
-        tokenizer = job.pruned_tokenizer(tokenizer, plan)
+        tokenizer = pruned_tokenizer(tokenizer, plan)
         tokenizer.save_pretrained(tmp)
         ppl_after = None
         if options.evaluate:
@@ -151,7 +153,7 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
                 ppl_after = streamed_perplexity(StreamingSource(tmp, source.dtype, source.device), tokenizer, eval_text,
                                                 options.eval_seq_len, options.eval_tokens,
                                                 progress("perplexity (layer by layer)", options.show_progress))
-        report = job.plan_report(model_path, source_hash, coupling, plan, timer)
+        report = plan_report(model_path, source_hash, coupling, plan, timer)
         report["streaming"] = {"compute_dtype": str(source.dtype).removeprefix("torch."),
                                "output_dtype": str(out_dtype).removeprefix("torch."),
                                "shards": len(list(tmp.glob("*.safetensors"))),
@@ -164,24 +166,23 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
         report["timings_s"] = timer.times
         (tmp / "prune_plan.json").write_text(plan.to_json() + "\n")
         write_json(tmp / "prune_report.json", report)
-    return job.PruneResult(out=out, report=report, plan=plan, timings=timer.times)
+    return PruneResult(out=out, report=report, plan=plan, timings=timer.times)
 
 
 def write_slim_checkpoint(source: StreamingSource, coupling, plan, calibration: list[torch.Tensor], options,
                           folder: Path, out_dtype: torch.dtype, timer, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """One layer-pipeline pass that reconstructs (when asked), slices and writes each layer, then the final step
     on the skeleton and the tensors outside the layers; weights and config.json land in `folder`."""
-    from depgraph_llm import pipeline as job
 
     model = source.model
     spec = spec_for(model.config.model_type)
     writer = ShardWriter(folder, max_shard_bytes)
-    stages = job.reconstruction_stages(coupling, plan, calibration, options)
+    stages = reconstruction_stages(coupling, plan, calibration, options)
     layer_pass = LayerPipeline(source, stages, ShardSink(writer, coupling, plan, spec, out_dtype),
-                               progress=job._progress("slice and write", options.show_progress))
+                               progress=layer_progress("slice and write", options.show_progress))
     with timer("reconstruct" if stages else "apply"):
         layer_pass.run(calibration if stages else [])
-    job.record_reconstruction(plan, stages)
+    record_reconstruction(plan, stages)
     writer.flush()
     with timer("apply_config"):
         finish_plan(model, coupling, plan, spec, runnable=False,

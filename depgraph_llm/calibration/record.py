@@ -6,10 +6,10 @@ import hashlib
 
 import torch
 
-from depgraph_llm.calibration import CalibrationSource, file_source_of, self_source
-from depgraph_llm.corpora import corpus_part
+from depgraph_llm.calibration.sources import CalibrationSource, file_source_of, self_source
+from depgraph_llm.calibration.corpora import corpus_part
 from depgraph_llm.errors import UserError
-from depgraph_llm.self_generation import SelfRecipe
+from depgraph_llm.calibration.self_generation import SelfRecipe
 
 
 def windows_digest(windows: list[torch.Tensor]) -> str:

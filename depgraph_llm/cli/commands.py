@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from depgraph_llm.errors import UserError
-from depgraph_llm.recover_cli import add_recover_args, add_recover_command, cmd_recover
+from depgraph_llm.cli.recover import add_recover_args, add_recover_command, cmd_recover
 
 log = logging.getLogger("depgraph_llm")
 
@@ -90,6 +90,9 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "the source dtype")
     parser.add_argument("--device", help="streamed decoder layers visit this device in turn for every stage (e.g. "
                         "cuda); implies --streaming")
+    parser.add_argument("--device-map", help="spread the whole model over several GPUs with accelerate: auto, "
+                        "balanced, balanced_low_0, sequential, or a JSON file/object {module: GPU}; every stage "
+                        "then runs where each layer sits (weights offloaded to cpu/disk are refused: use --streaming)")
     parser.add_argument("--activation-budget-mb", type=int, help="streaming: calibration activations beyond this "
                         "many MB are kept on disk (default: all in memory)")
     add_recover_args(parser)
@@ -139,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from depgraph_llm.pipeline import PruneOptions, run_prune
-    from depgraph_llm.summary import prune_summary
+    from depgraph_llm.job.options import PruneOptions
+    from depgraph_llm.job.prune import run_prune
+    from depgraph_llm.cli.summary import prune_summary
 
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
@@ -154,11 +158,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, streaming=args.streaming, in_memory=args.in_memory, dtype=args.dtype,
-        device=args.device, activation_budget_mb=args.activation_budget_mb, cross_block=args.cross_block,
+        device=args.device, device_map=args.device_map, activation_budget_mb=args.activation_budget_mb, cross_block=args.cross_block,
         cross_block_epochs=args.cross_block_epochs, cross_block_lr=args.cross_block_lr,
         cross_block_reg=args.cross_block_reg)
     if args.recover and not args.dry_run:
-        from depgraph_llm.recover_cli import cmd_prune_and_recover
+        from depgraph_llm.cli.recover import cmd_prune_and_recover
 
         return cmd_prune_and_recover(args, options)
     result = run_prune(options)
@@ -167,8 +171,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from depgraph_llm.pipeline import run_apply
-    from depgraph_llm.summary import prune_summary
+    from depgraph_llm.job.replay_plan import run_apply
+    from depgraph_llm.cli.summary import prune_summary
 
     result = run_apply(args.plan, args.model, args.out, args.overwrite, args.trust_remote_code)
     print(prune_summary(result.report, result.out))
@@ -194,7 +198,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     from depgraph_llm.graph.coupling import build_coupling
     from depgraph_llm.checkpoint.loading import load_model, resolve_model_path
-    from depgraph_llm.summary import groups_table
+    from depgraph_llm.cli.summary import groups_table
 
     from depgraph_llm.checkpoint.files import check_not_source
 
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - an allocation failure anywhere becomes one line with the fix
-        from depgraph_llm.stage_memory import is_out_of_memory, out_of_memory_message
+        from depgraph_llm.job.stage_memory import is_out_of_memory, out_of_memory_message
 
         if args.debug or not is_out_of_memory(exc):
             raise

@@ -1,11 +1,13 @@
 """Peak resident memory per stage of a job: the kernel's high-water mark (VmHWM), reset when a stage starts
 (Linux /proc/self/clear_refs), so each stage's peak is its own; elsewhere the process-wide ru_maxrss. Also: free
-heap pages given back between layers, and allocation failures recognised (for a one-line error)."""
+heap pages given back between layers, GPU allocation peaks, and allocation failures recognised (for a one-line error)."""
 from __future__ import annotations
 
 import errno
 import resource
 from pathlib import Path
+
+import torch
 
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
@@ -32,6 +34,20 @@ def reset_peak() -> bool:
 def peak_rss() -> int:
     """The high-water mark since the last reset (or since the process started)."""
     return _status_bytes("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_gpu_peak() -> None:
+    """Start new allocation high-water marks on every visible GPU (nothing without one)."""
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+
+
+def peak_gpu_bytes() -> int | None:
+    """The allocation high-water marks since the last reset, summed over visible GPUs (None: no GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    return sum(torch.cuda.max_memory_allocated(index) for index in range(torch.cuda.device_count()))
 
 
 def process_peak_rss() -> int:

@@ -61,7 +61,7 @@ def add_recover_command(sub) -> None:
 
 def recover_options(args: argparse.Namespace, **fields):
     """RecoverOptions from parsed flags."""
-    from depgraph_llm.recover import RecoverOptions
+    from depgraph_llm.job.recover import RecoverOptions
 
     lr = args.recover_lr if args.recover_lr is not None else (2e-4 if args.recover == "lora" or args.masked_lora
                                                                else 5e-5)
@@ -99,7 +99,7 @@ def _files_label(files: list[str], shown: int = 3) -> str:
 
 def recovery_summary(report: dict, out: Path) -> str:
     """A short table of what recovery did."""
-    from depgraph_llm.summary import key_value_table
+    from depgraph_llm.cli.summary import key_value_table
 
     rec = report["recovery"]
     rows = [["trainer", rec["trainer"] + (f" + distillation from {rec['teacher']}" if rec["teacher"] else "")],
@@ -115,7 +115,7 @@ def recovery_summary(report: dict, out: Path) -> str:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from depgraph_llm.recover import run_recover
+    from depgraph_llm.job.recover import run_recover
 
     options = recover_options(args, slim=args.folder, out=args.out, source_model=args.source_model,
                               eval_text=args.eval_text, evaluate=not args.no_eval, overwrite=args.overwrite)
@@ -126,8 +126,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_prune_and_recover(args: argparse.Namespace, prune_options) -> int:
     """`prune ... --recover T`: run_prune into a stage folder, then recovery into --out."""
-    from depgraph_llm.recover import run_prune_and_recover
-    from depgraph_llm.summary import prune_summary
+    from depgraph_llm.job.recover import run_prune_and_recover
+    from depgraph_llm.cli.summary import prune_summary
 
     options = recover_options(args, evaluate=prune_options.evaluate)
     pruned, result = run_prune_and_recover(prune_options, options, Progress())

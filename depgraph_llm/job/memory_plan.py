@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from depgraph_llm.importance.chunked import CHUNK_ELEMENTS
-from depgraph_llm.streaming_limits import MAX_SHARD_BYTES
+from depgraph_llm.job.streaming_limits import MAX_SHARD_BYTES
 
 RUNTIME_BYTES = 700 << 20  # interpreter, torch, transformers, tokenizer (measured on the tiny models: ~0.6 GB)
 

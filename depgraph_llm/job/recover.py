@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from depgraph_llm.calibration import DEFAULT_EVAL_FILES, default_files, load_text
+from depgraph_llm.calibration.sources import DEFAULT_EVAL_FILES, default_files, load_text
 from depgraph_llm.checkpoint.files import atomic_dir, check_free_space, check_output_dir, weights_hash, write_json
 from depgraph_llm.checkpoint.loading import load_config, load_model, resolve_model_path
 from depgraph_llm.errors import UserError
@@ -251,7 +251,7 @@ def _trainer_for(options: RecoverOptions, model, dense, plan, source_path, adapt
     if options.trainer != "masked":
         kwargs = {"adapter_base": str(adapter_base)} if options.trainer == "lora" else {}
         return get_trainer(options.trainer, **kwargs), model
-    from depgraph_llm.pipeline import couple_or_explain
+    from depgraph_llm.job.in_memory import couple_or_explain
     from depgraph_llm.recovery.bias_params import enable_zero_biases
     from depgraph_llm.recovery.trainers.masked import load_slim_into_dense
 
@@ -295,7 +295,8 @@ def run_prune_and_recover(prune_options, options: RecoverOptions,
                           on_step: Callable[[StepInfo], None] | None = None):
     """`prune.py ... --recover T`: prune into a hidden stage folder beside --out, recover it into --out, drop the
     stage. With --resume, a complete stage from an interrupted run is reused (pruning is deterministic)."""
-    from depgraph_llm.pipeline import default_out_dir, run_prune
+    from depgraph_llm.job.options import default_out_dir
+    from depgraph_llm.job.prune import run_prune
 
     if _world_size() > 1:
         raise UserError("prune --recover runs in one process; under `accelerate launch`, prune first, then run "

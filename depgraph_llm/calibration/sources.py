@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from depgraph_llm.corpora import CorpusPart, available_registers, corpus_part
+from depgraph_llm.calibration.corpora import CorpusPart, available_registers, corpus_part
 from depgraph_llm.errors import UserError
-from depgraph_llm.self_generation import SELF_RECIPES, DEFAULT_SELF_RECIPE, SelfRecipe, self_generated_windows
+from depgraph_llm.calibration.self_generation import SELF_RECIPES, DEFAULT_SELF_RECIPE, SelfRecipe, self_generated_windows
 
 log = logging.getLogger(__name__)
 LICENSES = Path("/usr/share/common-licenses")

@@ -1,0 +1,1 @@
+"""Calibration and evaluation text: installed corpora, token windows, self-generated text and replayable records."""

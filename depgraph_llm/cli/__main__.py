@@ -1,0 +1,5 @@
+import sys
+
+from depgraph_llm.cli.commands import main
+
+sys.exit(main())

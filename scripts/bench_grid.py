@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""The retrain-free grid: each recipe (row) at each ratio, pruned by `prune.py` in a fresh process with the
+default calibration, then evaluated on the evaluation parts of three registers (fortunes and the Jargon File are
+never calibrated on; licences are, on another part). Rows append to results.jsonl as they finish, so a grid can
+be filled over several sessions; results.md and perplexity_vs_ratio.png are rewritten from all rows.
+
+    OMP_NUM_THREADS=1 python scripts/bench_grid.py --ratios 0.2,0.5 --rows default,search+cross-block \
+        --out docs/results/bench-grid
+    python scripts/bench_grid.py --render --out docs/results/bench-grid
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from depgraph_llm.calibration.corpora import available_registers, corpus_part  # noqa: E402
+from depgraph_llm.checkpoint.loading import load_model, load_pruned, resolve_model_path  # noqa: E402
+from depgraph_llm.cli.summary import table  # noqa: E402
+from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
+
+REGISTERS = ("fortunes", "jargon", "licences")
+CROSS_BLOCK = ["--cross-block", "2", "--cross-block-epochs", "4", "--cross-block-lr", "1e-4"]
+ROWS: dict[str, list[str]] = {  # label -> prune.py flags on top of --ratio
+    "no-reconstruct": ["--reconstruct", "none"],
+    "default": [],  # uniform widths, taylor + obs (sequential)
+    "search": ["--schedule", "search"],
+    "cross-block": CROSS_BLOCK,
+    "search+cross-block": ["--schedule", "search", *CROSS_BLOCK],
+}
+
+
+def evaluate(model, tokenizer, texts: dict[str, str], tokens: int) -> dict[str, float]:
+    return {name: round(perplexity(model, tokenizer, text, 512, tokens, False).perplexity, 3)
+            for name, text in texts.items()}
+
+
+def prune_row(label: str, ratio: float, out: Path, model: str | None) -> dict:
+    """One prune in a child process; its wall time, CPU time and what its report says it did."""
+    command = [sys.executable, str(ROOT / "prune.py"), "--ratio", str(ratio), "--out", str(out), "--no-eval",
+               *(["--model", model] if model else []), *ROWS[label]]
+    start, cpu_before = time.perf_counter(), os.times()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall, cpu_after = time.perf_counter() - start, os.times()
+    if result.returncode != 0:
+        raise SystemExit(f"{label} at {ratio} failed: {(result.stderr.strip().splitlines() or [''])[-1]}")
+    report = json.loads((out / "prune_report.json").read_text())
+    return {"row": label, "ratio": ratio, "achieved": report["ratio_achieved"], "wall_s": round(wall, 1),
+            "cpu_s": round(cpu_after.children_user + cpu_after.children_system
+                           - cpu_before.children_user - cpu_before.children_system, 1),
+            "command": "python prune.py " + " ".join(command[2:]).replace(str(out), "OUT"),
+            "timings_s": report.get("timings_s"),
+            "block_error": {k: report.get("reconstruct_report", {}).get(k) for k in ("error_calibration",
+                                                                                     "error_heldout")}}
+
+
+def render(out: Path) -> None:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    dense = next(r for r in rows if r["row"] == "dense")
+    grid = sorted((r for r in rows if r["row"] != "dense"), key=lambda r: (r["ratio"], list(ROWS).index(r["row"])
+                                                                           if r["row"] in ROWS else 99))
+    lines = [["dense", 0.0, *(f"{dense[n]:.2f}" for n in REGISTERS), "-"]]
+    lines += [[r["row"], round(r["achieved"], 4), *(f"{r[n]:.2f} (x{r[n] / dense[n]:.2f})" for n in REGISTERS),
+               f"{r['wall_s']:.0f} / {r['cpu_s']:.0f}"] for r in grid]
+    text = table(lines, ["row", "ratio", *REGISTERS, "wall / cpu s"])
+    header = ("Perplexity (x dense) on each register's evaluation part, 4096 tokens in 512-token windows; default "
+              "calibration. Commands: results.jsonl.")
+    (out / "results.md").write_text(header + "\n\n```\n" + text + "\n```\n")
+    print(text)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(REGISTERS), figsize=(4 * len(REGISTERS), 3.4), sharey=True)
+    for axis, register in zip(axes, REGISTERS):
+        for label in ROWS:
+            points = sorted((r["ratio"], r[register] / dense[register]) for r in grid if r["row"] == label)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
+        axis.set_title(register)
+        axis.set_xlabel("ratio removed")
+        axis.set_yscale("log")
+    axes[0].set_ylabel("perplexity / dense")
+    axes[-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "perplexity_vs_ratio.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--rows", default="default,search+cross-block", help=f"comma-separated: {', '.join(ROWS)}")
+    parser.add_argument("--model", default=None, help="dense model folder (default: the embedded model)")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench-grid"))
+    parser.add_argument("--render", action="store_true", help="only rewrite results.md and the plot")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    if args.render:
+        return render(args.out)
+    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    model, tokenizer = load_model(resolve_model_path(args.model))
+    texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    if not any(r["row"] == "dense" for r in done):
+        with results.open("a") as handle:
+            handle.write(json.dumps({"row": "dense", **evaluate(model, tokenizer, texts, args.eval_tokens)}) + "\n")
+    del model
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        for label in args.rows.split(","):
+            if any(r["row"] == label and r["ratio"] == ratio for r in done):
+                continue
+            with tempfile.TemporaryDirectory(prefix="bench-grid-") as folder:
+                row = prune_row(label, ratio, Path(folder) / "out", args.model)
+                row.update(evaluate(load_pruned(Path(folder) / "out").eval(), tokenizer, texts, args.eval_tokens))
+            with results.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    render(args.out)
+
+
+if __name__ == "__main__":
+    main()
