@@ -19,7 +19,7 @@ from depgraph_llm.job.options import PruneOptions
 from depgraph_llm.job.replay_plan import run_apply
 from depgraph_llm.job.prune import run_prune
 from depgraph_llm.planning.plan import axis_masks
-from depgraph_llm.recovery.cross_block import CrossBlockSettings, disjoint_windows, prepare_cross_block
+from depgraph_llm.recovery.cross_block import relative_error, CrossBlockSettings, disjoint_windows, prepare_cross_block
 from depgraph_llm.recovery.reconstruct import prepare_reconstruction
 from depgraph_llm.removal.apply import apply_plan
 from depgraph_llm.cli.summary import _reconstruction
@@ -57,8 +57,10 @@ def _block_outputs(model, batches) -> list[list[torch.Tensor]]:
 
 
 def _hand_error(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
-    num = sum(((p - d) ** 2).sum().item() for p, d in zip(pruned, dense))
-    return num / sum((d ** 2).sum().item() for d in dense)
+    """Mean over every token of every batch of its squared error over its squared norm, one token at a time."""
+    ratios = [((p[b, t] - d[b, t]) ** 2).sum().item() / (d[b, t] ** 2).sum().item()
+              for p, d in zip(pruned, dense) for b in range(d.shape[0]) for t in range(d.shape[1])]
+    return sum(ratios) / len(ratios)
 
 
 def test_refit_lowers_the_calibration_block_error_of_the_closed_form():
@@ -130,6 +132,20 @@ def test_heldout_error_is_measured_on_disjoint_windows_and_matches_a_hand_comput
     summary = report.to_dict()
     assert summary["error_heldout"]["mean"] == pytest.approx(sum(report.heldout) / 3, abs=1e-7)
     assert summary["cross_block"]["window"] == 2
+
+
+def test_block_error_is_not_swamped_by_one_massive_activation():
+    """One token holding almost all of the stream's energy (an attention sink) must not hide the error of the
+    others: every other token is off by half its norm, the sink is exact."""
+    torch.manual_seed(0)
+    dense = torch.randn(2, 8, 16)
+    dense[:, 0, 3] = 1e4
+    noise = torch.randn_like(dense)
+    noise[:, 0] = 0
+    noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-30) * 0.5 * dense.norm(dim=-1, keepdim=True)
+    error = relative_error([dense + noise], [dense])
+    assert error == pytest.approx(_hand_error([dense + noise], [dense]), rel=1e-6)
+    assert error == pytest.approx(0.25 * 7 / 8, rel=1e-6)  # 14 of 16 tokens at (1/2)^2, 2 sinks at 0
 
 
 def test_disjoint_windows_drops_only_repeats():
