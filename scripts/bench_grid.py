@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from depgraph_llm.calibration.corpora import available_registers, corpus_part  # noqa: E402
 from depgraph_llm.checkpoint.loading import load_model, load_pruned, resolve_model_path  # noqa: E402
@@ -35,6 +36,7 @@ ROWS: dict[str, list[str]] = {  # label -> prune.py flags on top of --ratio
     "search": ["--schedule", "search"],
     "cross-block": CROSS_BLOCK,
     "search+cross-block": ["--schedule", "search", *CROSS_BLOCK],
+    "torch-pruning": [],  # the peer: Torch-Pruning's Taylor on MLP channels, same calibration windows (peer_child)
 }
 
 
@@ -43,10 +45,35 @@ def evaluate(model, tokenizer, texts: dict[str, str], tokens: int) -> dict[str, 
             for name, text in texts.items()}
 
 
+def peer_child(ratio: float, out: Path, model: str | None) -> None:
+    """Torch-Pruning (MLP channels only, see scripts/bench_torch_pruning.py) on the windows `prune.py` would
+    calibrate on by default (same source, count, length and seed), saved like a prune.py output."""
+    import torch
+
+    from bench_torch_pruning import torch_pruning_mlp
+    from depgraph_llm.calibration.sources import default_calibration_source
+    from depgraph_llm.job.options import PruneOptions
+
+    options = PruneOptions(ratio=ratio)
+    dense, tokenizer = load_model(resolve_model_path(model))
+    windows = default_calibration_source().windows(dense, tokenizer, options.seq_len, options.calibration_samples,
+                                                   options.seed, False)
+    before = sum(p.numel() for p in dense.parameters())
+    torch.manual_seed(options.seed)
+    torch_pruning_mlp(dense, "taylor", windows, ratio, options.round_to)
+    dense.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    after = sum(p.numel() for p in dense.parameters())
+    (out / "prune_report.json").write_text(json.dumps({"ratio_achieved": round(1 - after / before, 6)}))
+
+
 def prune_row(label: str, ratio: float, out: Path, model: str | None) -> dict:
     """One prune in a child process; its wall time, CPU time and what its report says it did."""
     command = [sys.executable, str(ROOT / "prune.py"), "--ratio", str(ratio), "--out", str(out), "--no-eval",
                *(["--model", model] if model else []), *ROWS[label]]
+    if label == "torch-pruning":
+        command = [sys.executable, __file__, "--peer-child", str(ratio), str(out),
+                   *(["--model", model] if model else [])]
     start, cpu_before = time.perf_counter(), os.times()
     result = subprocess.run(command, capture_output=True, text=True)
     wall, cpu_after = time.perf_counter() - start, os.times()
@@ -56,7 +83,7 @@ def prune_row(label: str, ratio: float, out: Path, model: str | None) -> dict:
     return {"row": label, "ratio": ratio, "achieved": report["ratio_achieved"], "wall_s": round(wall, 1),
             "cpu_s": round(cpu_after.children_user + cpu_after.children_system
                            - cpu_before.children_user - cpu_before.children_system, 1),
-            "command": "python prune.py " + " ".join(command[2:]).replace(str(out), "OUT"),
+            "command": " ".join(["python", Path(command[1]).name, *command[2:]]).replace(str(out), "OUT"),
             "timings_s": report.get("timings_s"),
             "block_error": {k: report.get("reconstruct_report", {}).get(k) for k in ("error_calibration",
                                                                                      "error_heldout")}}
@@ -103,7 +130,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-grid"))
     parser.add_argument("--render", action="store_true", help="only rewrite results.md and the plot")
+    parser.add_argument("--peer-child", nargs=2, metavar=("RATIO", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer_child:
+        return peer_child(float(args.peer_child[0]), Path(args.peer_child[1]), args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     if args.render:
