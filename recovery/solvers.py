@@ -44,12 +44,16 @@ def solve_damped(gram_kept: torch.Tensor, rhs: torch.Tensor, ridge_value: float)
 
 
 def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """(gram + ridge I)^-1 without an identity matrix and a damped copy beside `gram`."""
-    damped = gram.clone()
-    damped.diagonal().add_(ridge(gram, damp))
-    inverse = torch.linalg.inv(damped)
-    del damped
-    return inverse
+    """(gram + ridge I)^-1 without an identity matrix or a damped copy beside `gram`: its diagonal is damped in
+    place and restored bit for bit afterwards (a Llama-3.1-8B down_proj Gram is 1.6 GB in float64)."""
+    ridge_value = ridge(gram, damp)
+    diagonal = gram.diagonal()
+    undamped = diagonal.clone()
+    diagonal.add_(ridge_value)
+    try:
+        return torch.linalg.inv(gram)
+    finally:
+        diagonal.copy_(undamped)
 
 
 def bias_correction(mean_x: torch.Tensor, mean_y: torch.Tensor, weight: torch.Tensor,

@@ -69,6 +69,7 @@ def test_in_place_damping_restores_the_block_and_matches_the_identity_formula():
     assert torch.equal(damped_inverse(gram, DAMP), torch.linalg.inv(gram + r * torch.eye(40, dtype=torch.float64)))
     assert torch.allclose(damped_inverse(gram, DAMP) @ (gram + r * torch.eye(40, dtype=torch.float64)),
                           torch.eye(40, dtype=torch.float64), atol=1e-9)
+    assert torch.equal(gram, copy)  # the inverse damped the diagonal in place and restored it
 
 
 @pytest.mark.parametrize("block_bytes", [8 * 40 * 3, 8 * 40 * 64, 1 << 30])  # 3 rows, 64 rows, whole
