@@ -23,9 +23,11 @@ def _markdown(report: dict) -> str:
     for label, m in models.items():
         accs = [f"{m['accuracy'][t]['acc']:.3f}" if t in m.get("accuracy", {}) else "-" for t in tasks]
         speed = m.get("tokens_per_s", {})
+        measured = [f"{speed['prefill']:.1f}" if "prefill" in speed else "-",  # "-": not measured (--no-speed)
+                    f"{speed['decode']:.1f}" if "decode" in speed else "-",
+                    f"{m['peak_memory_bytes'] / 2**20:.0f}" if m.get("peak_memory_bytes") else "-"]
         lines.append("| " + " | ".join([label, f"{m['params'] / 1e6:.2f}M", f"{m['perplexity']:.2f}", *accs,
-                                         f"{speed.get('prefill', 0):.1f}", f"{speed.get('decode', 0):.1f}",
-                                         f"{m.get('peak_memory_bytes', 0) / 2**20:.0f}"]) + " |")
+                                         *measured]) + " |")
     if tasks:
         chance = {t: next((m["accuracy"][t].get("chance") for m in models.values() if t in m.get("accuracy", {})), None)
                   for t in tasks}

@@ -119,6 +119,17 @@ def test_speed_reports_the_spread_and_warns_when_it_is_wide(monkeypatch):
     assert "pruned decode 50%" in text and "**Warning:**" in text
 
 
+def test_report_table_says_dash_for_what_was_not_measured():
+    """--no-speed measures no speed or memory: the table must not show them as 0 tok/s and 0 MiB."""
+    models = {"timed": {"params": 2e6, "perplexity": 9.5, "tokens_per_s": {"prefill": 120.0, "decode": 7.0},
+                        "peak_memory_bytes": 3 * 2**20},
+              "untimed": {"params": 1e6, "perplexity": 12.0}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in _markdown({"protocol": "", "models": models}).splitlines()
+            if line.startswith("| timed") or line.startswith("| untimed")}
+    assert rows["timed"].endswith("| 120.0 | 7.0 | 3 |")
+    assert rows["untimed"].endswith("| - | - | - |")
+
+
 @pytest.mark.slow
 def test_peak_memory_is_each_models_own(tmp_path):
     """Measured in a fresh process: two models that differ only in vocabulary differ in peak memory by their
