@@ -13,6 +13,9 @@ when calibration tokens are few.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 
@@ -31,29 +34,29 @@ def kept_block(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return gram[kept.unsqueeze(1), kept]
 
 
-def solve_damped(gram_kept: torch.Tensor, rhs: torch.Tensor, ridge_value: float) -> torch.Tensor:
-    """((gram_kept + ridge I)^-1 rhs)^T: the diagonal is damped in place for the solve and restored bit for bit
-    afterwards, so no second matrix of the system's size is made (the factorisation still copies it once)."""
-    diagonal = gram_kept.diagonal()
-    undamped = diagonal.clone()
-    diagonal.add_(ridge_value)
-    try:
-        return torch.linalg.solve(gram_kept, rhs).T
-    finally:
-        diagonal.copy_(undamped)
-
-
-def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """(gram + ridge I)^-1 without an identity matrix or a damped copy beside `gram`: its diagonal is damped in
-    place and restored bit for bit afterwards (a Llama-3.1-8B down_proj Gram is 1.6 GB in float64)."""
-    ridge_value = ridge(gram, damp)
+@contextmanager
+def damped_in_place(gram: torch.Tensor, ridge_value: float) -> Iterator[torch.Tensor]:
+    """`gram` with `ridge_value` added to its diagonal for the duration of the block, restored bit for bit
+    afterwards: no second matrix of its size is made (a Llama-3.1-8B down_proj Gram is 1.6 GB in float64)."""
     diagonal = gram.diagonal()
     undamped = diagonal.clone()
     diagonal.add_(ridge_value)
     try:
-        return torch.linalg.inv(gram)
+        yield gram
     finally:
         diagonal.copy_(undamped)
+
+
+def solve_damped(gram_kept: torch.Tensor, rhs: torch.Tensor, ridge_value: float) -> torch.Tensor:
+    """((gram_kept + ridge I)^-1 rhs)^T, damped in place (the factorisation still copies the system once)."""
+    with damped_in_place(gram_kept, ridge_value) as damped:
+        return torch.linalg.solve(damped, rhs).T
+
+
+def damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """(gram + ridge I)^-1 without an identity matrix or a damped copy beside `gram` (damped in place)."""
+    with damped_in_place(gram, ridge(gram, damp)) as damped:
+        return torch.linalg.inv(damped)
 
 
 def bias_correction(mean_x: torch.Tensor, mean_y: torch.Tensor, weight: torch.Tensor,
