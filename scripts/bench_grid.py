@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """The retrain-free grid: each recipe (row) at each ratio, pruned by `prune.py` in a fresh process with the
-default calibration, then evaluated on the evaluation parts of three registers (fortunes and the Jargon File are
-never calibrated on; licences are, on another part). Rows append to results.jsonl as they finish, so a grid can
-be filled over several sessions; results.md and perplexity_vs_ratio.png are rewritten from all rows.
+default calibration, then evaluated on the evaluation parts of four registers: fortunes, the Jargon File and Jane
+Austen's novels are never calibrated on; licences are, on another part. Rows append to results.jsonl as they
+finish, so a grid can be filled over several sessions; results.md and perplexity_vs_ratio.png are rewritten from
+all rows, the newest line of each (row, ratio) winning. A row measured before a register was added is pruned again
+with `--backfill` (pruning is deterministic, so its other registers must come out the same).
 
     OMP_NUM_THREADS=1 python scripts/bench_grid.py --ratios 0.2,0.5 --rows default,search+cross-block \
         --out docs/results/bench-grid
@@ -28,7 +30,7 @@ from depgraph_llm.checkpoint.loading import load_model, load_pruned, resolve_mod
 from depgraph_llm.cli.summary import table  # noqa: E402
 from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
 
-REGISTERS = ("fortunes", "jargon", "licences")
+REGISTERS = ("fortunes", "jargon", "novels", "licences")
 CROSS_BLOCK = ["--cross-block", "2", "--cross-block-epochs", "4", "--cross-block-lr", "1e-4"]
 ROWS: dict[str, list[str]] = {  # label -> prune.py flags on top of --ratio
     "no-reconstruct": ["--reconstruct", "none"],
@@ -89,13 +91,29 @@ def prune_row(label: str, ratio: float, out: Path, model: str | None) -> dict:
                                                                                      "error_heldout")}}
 
 
+def latest_rows(results: Path) -> list[dict]:
+    """The newest line of each (row, ratio) in results.jsonl, in file order of first appearance."""
+    newest: dict[tuple, dict] = {}
+    for line in results.read_text().splitlines() if results.exists() else []:
+        if line.strip():
+            row = json.loads(line)
+            newest[(row["row"], row.get("ratio"))] = row
+    return list(newest.values())
+
+
+def cell(row: dict, dense: dict, register: str) -> str:
+    if register not in row or register not in dense:
+        return "-"
+    return f"{row[register]:.2f}" if row is dense else f"{row[register]:.2f} (x{row[register] / dense[register]:.2f})"
+
+
 def render(out: Path) -> None:
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = latest_rows(out / "results.jsonl")
     dense = next(r for r in rows if r["row"] == "dense")
     grid = sorted((r for r in rows if r["row"] != "dense"), key=lambda r: (r["ratio"], list(ROWS).index(r["row"])
                                                                            if r["row"] in ROWS else 99))
-    lines = [["dense", 0.0, *(f"{dense[n]:.2f}" for n in REGISTERS), "-"]]
-    lines += [[r["row"], round(r["achieved"], 4), *(f"{r[n]:.2f} (x{r[n] / dense[n]:.2f})" for n in REGISTERS),
+    lines = [["dense", 0.0, *(cell(dense, dense, n) for n in REGISTERS), "-"]]
+    lines += [[r["row"], round(r["achieved"], 4), *(cell(r, dense, n) for n in REGISTERS),
                f"{r['wall_s']:.0f} / {r['cpu_s']:.0f}"] for r in grid]
     text = table(lines, ["row", "ratio", *REGISTERS, "wall / cpu s"])
     header = ("Perplexity (x dense) on each register's evaluation part, 4096 tokens in 512-token windows; default "
@@ -110,7 +128,8 @@ def render(out: Path) -> None:
     figure, axes = plt.subplots(1, len(REGISTERS), figsize=(4 * len(REGISTERS), 3.4), sharey=True)
     for axis, register in zip(axes, REGISTERS):
         for label in ROWS:
-            points = sorted((r["ratio"], r[register] / dense[register]) for r in grid if r["row"] == label)
+            points = sorted((r["ratio"], r[register] / dense[register]) for r in grid
+                            if r["row"] == label and register in r and register in dense)
             if points:
                 axis.plot(*zip(*points), marker="o", label=label)
         axis.set_title(register)
@@ -130,6 +149,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-grid"))
     parser.add_argument("--render", action="store_true", help="only rewrite results.md and the plot")
+    parser.add_argument("--backfill", action="store_true",
+                        help="prune again the requested rows that lack a register, and measure them on all")
     parser.add_argument("--peer-child", nargs=2, metavar=("RATIO", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_child:
@@ -143,14 +164,15 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     model, tokenizer = load_model(resolve_model_path(args.model))
     texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
-    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    if not any(r["row"] == "dense" for r in done):
+    done = latest_rows(results)
+    complete = [r for r in done if not args.backfill or all(n in r for n in texts)]
+    if not any(r["row"] == "dense" for r in complete):
         with results.open("a") as handle:
             handle.write(json.dumps({"row": "dense", **evaluate(model, tokenizer, texts, args.eval_tokens)}) + "\n")
     del model
     for ratio in (float(r) for r in args.ratios.split(",")):
         for label in args.rows.split(","):
-            if any(r["row"] == label and r["ratio"] == ratio for r in done):
+            if any(r["row"] == label and r["ratio"] == ratio for r in complete):
                 continue
             with tempfile.TemporaryDirectory(prefix="bench-grid-") as folder:
                 row = prune_row(label, ratio, Path(folder) / "out", args.model)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from depgraph_llm.calibration.r_lazyload import character_vectors
+
 log = logging.getLogger(__name__)
 
 PARTS = {"calibration": 0.2, "evaluation": 0.2, "training": 0.6}  # fraction of units in each part, in order
@@ -68,8 +70,24 @@ def jargon_entries(path: Path) -> list[str]:
             for e in entries if e.strip()]
 
 
+CHAPTER_HEADING = re.compile(r"(?i)^chapter\s+[0-9ivxlc]+\.?\s*$")
+
+
+def r_novel_chapters(path: Path) -> list[str]:
+    """Novels stored as R character vectors of lines (janeaustenr): one unit per chapter, title pages dropped."""
+    chapters = []
+    for lines in character_vectors(path):
+        starts = [i for i, line in enumerate(lines) if CHAPTER_HEADING.match(line.strip())]
+        for a, b in zip(starts, starts[1:] + [len(lines)]):
+            body = "\n".join(lines[a:b]).strip()
+            if body:
+                chapters.append(body)
+    return chapters
+
+
 EXTRACTORS: dict[str, Callable[[Path], list[str]]] = {
-    "plain": whole_file, "wordnet": wordnet_glosses, "fortunes": fortunes, "jargon": jargon_entries}
+    "plain": whole_file, "wordnet": wordnet_glosses, "fortunes": fortunes, "jargon": jargon_entries,
+    "r-chapters": r_novel_chapters}
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,9 @@ REGISTERS: dict[str, Register] = {r.name: r for r in (
              package="fortunes", extract="fortunes", split_by="entry", exclude=("*.dat", "*.u8")),
     Register("jargon", "the Jargon File (hacker slang dictionary)", "usr/share/doc/jargon-text", "jargon.txt.gz",
              package="jargon-text", extract="jargon", split_by="entry"),
+    Register("novels", "Jane Austen's six novels (19th-century literary prose), one unit per chapter",
+             "usr/lib/R/site-library/janeaustenr/data", "Rdata.rdb", package="r-cran-janeaustenr",
+             extract="r-chapters", split_by="entry"),
 )}
 
 
