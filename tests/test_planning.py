@@ -40,8 +40,12 @@ def test_round_to_multiple():
 
 def test_unreachable_ratio_names_nearest():
     model = tiny_model("llama")  # embeddings dominate: 90% cannot be removed from layers alone
-    with pytest.raises(UserError, match=r"nearest reachable ratio is 0\.\d+"):
+    with pytest.raises(UserError, match=r"nearest reachable ratio is 0\.\d+") as error:
         plan_for(model, 0.9)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    in_widths = sum(p.numel() for n, p in model.named_parameters() if any(f".{k}." in n for k in projections))
+    share = in_widths / sum(p.numel() for p in model.parameters())
+    assert f"widths hold {share:.0%} of the parameters: add --hidden-ratio" in str(error.value)
 
 
 def test_top_k_is_deterministic_on_ties():

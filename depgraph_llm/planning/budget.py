@@ -197,7 +197,8 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
         nearest = min(valid or options, key=lambda o: o[2])
         reach = 1.0 - nearest[4] / total
         raise UserError(f"ratio {ratio} cannot be reached within ±{RATIO_TOLERANCE} with --round-to {round_to}; "
-                        f"the nearest reachable ratio is {reach:.3f}")
+                        f"the nearest reachable ratio is {reach:.3f}" + _beyond_widths_hint(
+                            counter, mlp + beside, heads, total, ratio, reach, allocation))
     widths, params_after = valid[0][3], valid[0][4]
     log.info("uniform widths: %s", widths)
     keep, keep_nested = select_units(mlp, heads, scores, widths)
@@ -207,6 +208,18 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     for name, count in base_keep.items():
         keep[name] = list(allocation.vocab_ids) if name in vocab_groups else top_k(scores[name], count)
     return keep, keep_nested, params_after
+
+
+def _beyond_widths_hint(counter: ParamCounter, mlp: list[Group], heads: list[Group], total: int, ratio: float,
+                        reach: float, allocation: Allocation) -> str:
+    """When the widths cannot remove enough, say how much of the model they hold and which options reach further
+    (a Gemma-3-270M-like model keeps 63% of its parameters in the embeddings)."""
+    if reach >= ratio - RATIO_TOLERANCE or allocation.hidden_ratio is not None or allocation.vocab_ids:
+        return ""
+    params = {s.param for g in mlp + heads for s in g.slices}
+    share = counter.count({}, only=params) / total
+    return (f"; the MLP and attention widths hold {share:.0%} of the parameters: add --hidden-ratio (narrower "
+            "residual stream and embeddings), --vocab-keep N or --layers-removed N to go further")
 
 
 def _hidden_keep(coupling: CouplingGraph, scores, allocation: Allocation, round_to: int,
