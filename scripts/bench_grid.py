@@ -127,7 +127,7 @@ def render(out: Path) -> None:
 
     figure, axes = plt.subplots(1, len(REGISTERS), figsize=(4 * len(REGISTERS), 3.4), sharey=True)
     for axis, register in zip(axes, REGISTERS):
-        for label in ROWS:
+        for label in dict.fromkeys(r["row"] for r in grid):
             points = sorted((r["ratio"], r[register] / dense[register]) for r in grid
                             if r["row"] == label and register in r and register in dense)
             if points:
@@ -149,12 +149,20 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-grid"))
     parser.add_argument("--render", action="store_true", help="only rewrite results.md and the plot")
+    parser.add_argument("--custom", action="append", default=[], metavar="LABEL=FLAGS",
+                        help="an extra row: prune.py flags under a label, e.g. 'hidden-0.4=--hidden-ratio 0.4 "
+                             "--reconstruct none' (then name LABEL in --rows)")
     parser.add_argument("--backfill", action="store_true",
                         help="prune again the requested rows that lack a register, and measure them on all")
     parser.add_argument("--peer-child", nargs=2, metavar=("RATIO", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_child:
         return peer_child(float(args.peer_child[0]), Path(args.peer_child[1]), args.model)
+    for custom in args.custom:
+        label, _, flags = custom.partition("=")
+        if not label or not flags:
+            raise SystemExit(f"--custom {custom!r}: expected LABEL=FLAGS")
+        ROWS[label] = flags.split()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     if args.render:
