@@ -5,7 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -149,10 +149,22 @@ def test_ctrl_c_in_a_real_process(source, tmp_path):
     before = tree_digest(source)
     process = subprocess.Popen([sys.executable, str(ROOT / "prune.py"), "--model", str(source), "--ratio", "0.3",
                                 "--out", str(out), *FAST, "--calibration-samples", "5000", "--seq-len", "16"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # imports, loading or the (deliberately long) gradient pass: the run takes > 15 s
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    received, started = bytearray(), threading.Event()
+
+    def pump() -> None:  # the signal goes in once the (deliberately long) gradient pass has started
+        for chunk in iter(lambda: process.stderr.read1(4096), b""):
+            received.extend(chunk)
+            if b"gradients" in received:
+                started.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    started.wait(timeout=240)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    process.wait(timeout=240)
+    reader.join(timeout=10)
+    err = received.decode("utf-8", errors="replace")
     if process.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert process.returncode == 130 and "interrupted" in err.strip().splitlines()[-1]
