@@ -11,6 +11,15 @@ settings.register_profile("derandomized", derandomize=True, database=None, print
 settings.register_profile("random", derandomize=False, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "derandomized"))
 
+# Under pytest-xdist each worker (and every process a test starts) gets its share of the CPUs, so parallel
+# workers do not oversubscribe the machine with one full-width thread pool each.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = _threads
+    import torch
+
+    torch.set_num_threads(int(_threads))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 logging.getLogger("transformers").setLevel(logging.ERROR)
