@@ -388,3 +388,19 @@ def test_bias_reconstruction_without_a_bias_writes_nothing():
     with pytest.raises(UserError, match="has no bias to hold the compensation"):
         reconstruct(model, coupling, plan, batches, "bias", "local")
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_in_process_main_gives_the_signal_handlers_back(source, capsys):
+    """A successful command ignores a late Ctrl-C while it returns, but a caller in the same process (a notebook, a
+    test runner whose later children inherit an ignored SIGINT) gets its own handlers back."""
+    def own(signum, frame) -> None:
+        return None
+
+    before_term = signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGINT, own)
+    try:
+        assert cli.main(["graph", str(source)]) == 0
+        assert signal.getsignal(signal.SIGINT) is own
+        assert signal.getsignal(signal.SIGTERM) is before_term
+    finally:
+        signal.signal(signal.SIGINT, previous)

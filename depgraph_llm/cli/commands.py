@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous_interrupt = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         code = COMMANDS[args.command](args)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # finished: a late Ctrl-C must not turn success into a crash
@@ -276,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written to the output folder", file=sys.stderr)
         return 143 if isinstance(stop, _Terminated) else 130
     finally:
-        if main_thread:
+        if main_thread:  # a caller in the same process (a test, a notebook) gets its handlers back
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_interrupt)
 
 
 def prune_main(argv: list[str] | None = None) -> int:
