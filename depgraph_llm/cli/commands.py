@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from depgraph_llm.calibration import DEFAULT_CALIBRATION_SAMPLES
 from depgraph_llm.errors import UserError
 from depgraph_llm.cli.recover import add_recover_args, add_recover_command, cmd_recover
 
@@ -72,7 +73,8 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-text", help="text for perplexity before/after (default: licence texts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--round-to", type=int, default=8, help="round MLP widths to a multiple of this")
-    parser.add_argument("--calibration-samples", type=int, default=8, help="calibration windows")
+    parser.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
+                        help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored for perplexity")
     parser.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")

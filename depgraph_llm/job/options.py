@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from depgraph_llm.calibration import DEFAULT_CALIBRATION_SAMPLES
 from depgraph_llm.checkpoint.files import check_output_dir
 from depgraph_llm.checkpoint.device_map import parse_device_map
 from depgraph_llm.errors import UserError
@@ -87,7 +88,7 @@ class PruneOptions:
     eval_text: str | None = None
     seed: int = 0
     round_to: int = 8
-    calibration_samples: int = 8
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
     seq_len: int = 512
     eval_seq_len: int = 512
     eval_tokens: int = 4096
