@@ -46,7 +46,9 @@ def test_truncated_or_foreign_files_are_refused(tmp_path):
     whole = rdb([xdr_character_vector(["a", "b"])])
     (tmp_path / "cut.rdb").write_bytes(whole[:-3])
     (tmp_path / "text.rdb").write_bytes(b"not an R data base at all")
-    for name in ("cut.rdb", "text.rdb"):
+    (tmp_path / "short.rdb").write_bytes(rdb([xdr_character_vector(["abc", "def"])[:-5]]))  # zlib fine, body cut
+    (tmp_path / "string.rdb").write_bytes(rdb([xdr_character_vector(["abc", "defgh"])[:-2]]))  # inside a string
+    for name in ("cut.rdb", "text.rdb", "short.rdb", "string.rdb"):
         with pytest.raises(RFormatError):
             character_vectors(tmp_path / name)
 

@@ -62,6 +62,8 @@ def character_vector(raw: bytes) -> list[str] | None:
         if length == NA_LENGTH:
             strings.append("")
             continue
+        if pos + length > len(raw):
+            raise RFormatError(f"a string of {length} bytes runs past the end of its record")
         strings.append(raw[pos:pos + length].decode("utf-8", errors="replace"))
         pos += length
     return strings
@@ -69,5 +71,8 @@ def character_vector(raw: bytes) -> list[str] | None:
 
 def character_vectors(path: Path) -> list[list[str]]:
     """Every top-level character vector in the `.rdb` file at `path`, in file order."""
-    vectors = (character_vector(raw) for raw in records(path.read_bytes()))
+    try:
+        vectors = [character_vector(raw) for raw in records(path.read_bytes())]
+    except struct.error as exc:  # a record that ends inside a field
+        raise RFormatError(f"{path}: a serialized object ends early ({exc})") from exc
     return [v for v in vectors if v is not None]
