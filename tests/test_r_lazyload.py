@@ -2,7 +2,6 @@
 register against the real janeaustenr package when it is fetched."""
 import struct
 import zlib
-from pathlib import Path
 
 import pytest
 
