@@ -161,6 +161,34 @@ def test_evolution_reaches_the_known_optimum():
     assert result.profile.mlp == target and result.fitness == 0.0 < result.start_fitness
 
 
+def test_time_limit_stops_between_generations():
+    """A clock that advances one second per fitness call: with a 30 s limit the generations that start after 30 s
+    are not run (counted by hand from the calls each generation makes), and the record says why it stopped."""
+    levels = _levels(4)
+    full = 4 * 1500 + 1000
+    budget = Budget(full=full, low=full - 700, high=full - 700)
+    start = Profile(mlp=(5, 5, 5, 6), heads=(1,) * 4, dropped=(False,) * 4)
+    now = [0.0]
+    calls = []
+
+    def fitness(profile, windows):
+        now[0] += 1.0
+        calls.append(now[0])
+        return float(sum(profile.mlp))
+
+    settings = SearchSettings(generations=50, offspring=4, survivors=1, time_limit_s=30.0)
+    result = evolve(start, levels, budget, fitness, settings, seed=0, clock=lambda: now[0])
+    assert result.stopped_by == "time limit"
+    per_generation = settings.offspring + settings.survivors  # calls when every generation fills its offspring
+    assert result.evaluations == len(calls)
+    expected = -(-(30 - 1) // per_generation)  # generations started while fewer than 30 calls had been made
+    assert len(result.history) == expected < settings.generations
+    assert now[0] >= 30.0 and now[0] - per_generation < 30.0
+    unlimited = evolve(start, levels, budget, fitness, SearchSettings(generations=7, time_limit_s=None), seed=0,
+                       clock=lambda: now[0])
+    assert unlimited.stopped_by == "generations" and len(unlimited.history) == 7
+
+
 def test_masked_candidate_computes_what_the_pruned_model_computes():
     """The fitness masks units and skips layers; the physically pruned model (removal/apply.py) must agree."""
     import copy

@@ -47,6 +47,9 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "tensor-parallel size")
     parser.add_argument("--search-generations", type=int, default=20, help="--schedule search: generations of the "
                         "evolutionary search (8 candidates each; about 5 s each for the default model on one idle core)")
+    parser.add_argument("--search-time", type=float, default=600, metavar="SECONDS", help="--schedule search: "
+                        "no generation starts after this many seconds, so the search ends near this bound and keeps "
+                        "the best profile found; 0: run every generation (then the result does not depend on speed)")
     parser.add_argument("--search-layer-drops", action="store_true", help="--schedule search: candidates may "
                         "also drop whole layers (off by default: the reconstruction cannot recover them)")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
@@ -150,7 +153,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
-        schedule=args.schedule, search_generations=args.search_generations, search_layer_drops=args.search_layer_drops,
+        schedule=args.schedule, search_generations=args.search_generations, search_time_s=args.search_time, search_layer_drops=args.search_layer_drops,
         depth_metric=args.depth_metric, reconstruct=args.reconstruct,
         reconstruct_mode=args.reconstruct_mode, expert_reconstruct=args.expert_reconstruct,
         calibration=args.calibration, eval_text=args.eval_text,

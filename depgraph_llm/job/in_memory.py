@@ -149,7 +149,7 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
             searched = plan_search(model, coupling, counter, scores, SearchInputs(
                 keep, keep_nested, params_after, params_before, ratio, width_step), search_windows, allocation,
                 lambda w: config_accepts(model, spec, w), SearchSettings(
-                    generations=options.search_generations,
+                    generations=options.search_generations, time_limit_s=options.search_time_s or None,
                     drop_chance=LAYER_DROP_CHANCE if getattr(options, "search_layer_drops", False) else 0.0),
                 seed, layer_progress("search", options.show_progress, "generation"))
             keep, keep_nested, removed_layers = searched.keep, searched.keep_nested, searched.removed_layers

@@ -71,6 +71,7 @@ class PruneOptions:
     schedule: str = "uniform"
     search_generations: int = SearchSettings.generations  # --schedule search (planning/search.py)
     search_layer_drops: bool = False  # --schedule search may also drop whole layers
+    search_time_s: float = 600.0  # --schedule search: no generation starts after this (0: no limit)
     depth_metric: str = "bi"
     mlp_ratio: float | None = None
     head_ratio: float | None = None
@@ -143,6 +144,8 @@ class PruneOptions:
         parse_schedule(self.schedule)
         if self.search_generations < 0:
             raise UserError(f"--search-generations {self.search_generations} must be 0 or more")
+        if not self.search_time_s >= 0:
+            raise UserError(f"--search-time {self.search_time_s} must be 0 (no limit) or a number of seconds")
         get_expert_method(self.expert_reconstruct)
         if self.hidden_ratio and self.expert_reconstruct != "drop":
             raise UserError(f"--hidden-ratio changes the routers' inputs, which --expert-reconstruct "

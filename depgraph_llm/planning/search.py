@@ -11,6 +11,7 @@ them on a few held-aside windows, rescores the best on all of them and keeps the
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
@@ -69,6 +70,7 @@ class SearchSettings:
     drop_chance: float = 0.0  # chance that a move toggles a layer's drop (--search-layer-drops: LAYER_DROP_CHANCE)
     held_out_windows: int = 4  # held-aside windows the fitness is measured on
     held_out_tokens: int = 128  # tokens per held-aside window
+    time_limit_s: float | None = 600.0  # no generation starts after this many seconds (None: run every generation)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class SearchResult:
     start_fitness: float
     history: list[float] = field(default_factory=list)
     evaluations: int = 0
+    stopped_by: str = "generations"  # or "time limit": the last generations were not run
 
 
 def params_of(profile: Profile, levels: list[LayerLevels], full: int) -> int:
@@ -174,16 +177,22 @@ def mutate(profile: Profile, levels: list[LayerLevels], budget: Budget, settings
 
 def evolve(start: Profile, levels: list[LayerLevels], budget: Budget,
            fitness: Callable[[Profile, int | None], float], settings: SearchSettings, seed: int,
-           progress: Callable[[Iterable, int], Iterable] | None = None) -> SearchResult:
+           progress: Callable[[Iterable, int], Iterable] | None = None,
+           clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """(1 + offspring) evolution from `start` (which must hold the budget): offspring scored on the first windows,
-    the best `survivors` rescored on all windows (None) against the parent; `progress` wraps the generations."""
+    the best `survivors` rescored on all windows (None) against the parent; `progress` wraps the generations.
+    No generation starts once `settings.time_limit_s` has passed since the start (measured by `clock`)."""
     if not budget.holds(params_of(start, levels, budget.full)):
         raise ValueError("the start profile is outside the budget band")
     rng = random.Random(seed)
+    started = clock()
     parent, parent_fit = start, fitness(start, None)
     result = SearchResult(start, parent_fit, parent_fit, evaluations=1)
     generations = range(settings.generations)
     for _ in (progress(generations, settings.generations) if progress else generations):
+        if settings.time_limit_s is not None and clock() - started >= settings.time_limit_s:
+            result.stopped_by = "time limit"
+            break
         children = []
         for _ in range(settings.offspring * 4):  # a mutation the repair cannot fix is drawn again
             child = mutate(parent, levels, budget, settings, rng)

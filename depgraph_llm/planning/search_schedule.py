@@ -73,10 +73,14 @@ def plan_search(model: nn.Module, coupling: CouplingGraph, counter: ParamCounter
     if params_after != params_of(result.profile, levels, full):
         raise RuntimeError("internal error: the searched profile's count differs from the parameter counter's")
     log.info("search: KL %.4g -> %.4g after %d evaluations", result.start_fitness, result.fitness, result.evaluations)
+    if result.stopped_by == "time limit":
+        log.warning("search: stopped at the %.0f s limit after %d of %d generations (--search-time)",
+                    settings.time_limit_s, len(result.history), settings.generations)
     record = {"profile": profile_record(levels, result.profile), "uniform": result.profile.is_uniform(levels),
               "fitness": "KL(dense || masked) per token on held-aside windows",
               "start_fitness": result.start_fitness, "best_fitness": result.fitness,
               "history": result.history, "evaluations": result.evaluations,
+              "generations_run": len(result.history), "stopped_by": result.stopped_by,
               "held_out_windows": len(held_out), "held_out_tokens": sum(w.numel() for w in held_out),
               "budget": {"low": budget.low, "high": budget.high}, "settings": asdict(settings), "seed": seed}
     return SearchedPlan(keep, keep_nested, removed, params_after, record)
