@@ -28,7 +28,7 @@ from depgraph_llm.planning.plan import PrunePlan, axis_masks
 from depgraph_llm.layers import InMemorySource, LayerCallback, LayerPipeline, LayerStep
 from depgraph_llm.layers.callbacks import Recorder
 from .head_obs import nested_head_columns, obs_select_per_block
-from .solvers import bias_correction, kept_block, obs_select, ridge, solve_damped
+from .solvers import anchored_least_squares, bias_correction, kept_block, obs_select, ridge
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,8 @@ def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tu
         new_weight = weight[:, kept]
         new_bias = bias_correction(sum_x / tokens, sum_y / tokens, weight, kept)
     else:  # targets minus the bias, which is kept or fitted apart
-        new_weight = solve_damped(gram_kept, cross_kept - sum_x_kept[:, None] * b, ridge_value)
+        new_weight = anchored_least_squares(gram_kept, cross_kept - sum_x_kept[:, None] * b, weight[:, kept],
+                                            ridge_value, plan.reconstruct_anchor)
 
     def residual(w_kept: torch.Tensor, bias_vec: torch.Tensor) -> float:
         value = (torch.einsum("oi,ij,oj->", w_kept, gram_kept, w_kept)

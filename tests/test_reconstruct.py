@@ -15,7 +15,8 @@ from depgraph_llm.graph.coupling import build_coupling
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.models import spec_for
 from depgraph_llm.recovery.reconstruct import reconstruct
-from depgraph_llm.recovery.solvers import bias_correction, least_squares, obs_select, ridge
+from depgraph_llm.recovery.solvers import (anchored_least_squares, bias_correction, kept_block, least_squares,
+                                            obs_select, ridge, solve_damped)
 from tests.cli_helpers import FAST, one_line_error, run_cli, run_prune
 from tests.tiny import save_tiny_checkpoint, tiny_model
 
@@ -281,3 +282,49 @@ def test_reconstruction_reaches_conv1d_and_fused_projections(arch):
         naive_gap = (naive(input_ids=test_ids).logits - dense).abs().max()
         gap = (model(input_ids=test_ids).logits - dense).abs().max()
     assert report.consumers == 3 and naive_gap > 1e-3 and gap < 1e-4, (naive_gap, gap)
+
+
+def test_anchored_refit_is_the_regularised_least_squares():
+    """Oracle: the same objective written as one augmented least-squares problem, solved by lstsq."""
+    x, w, gram = _stats(tokens=30, width=6, out=4, seed=3)
+    kept = torch.tensor([0, 2, 3, 5])
+    anchor, ridge_value = 0.7, 1e-3
+    gram_kept = kept_block(gram, kept)
+    before = gram_kept.clone()
+    fit = anchored_least_squares(gram_kept, (gram @ w.T)[kept], w[:, kept], ridge_value, anchor)
+    assert torch.equal(gram_kept, before)  # damped in place, restored
+    pull = (anchor * gram.diagonal()[kept] + ridge_value).sqrt()  # every damping term pulls toward w
+    a = torch.cat([x[:, kept], torch.diag(pull)])
+    b = torch.cat([x @ w.T, pull[:, None] * w[:, kept].T])
+    oracle = torch.linalg.lstsq(a, b).solution.T
+    assert torch.allclose(fit, oracle, atol=1e-10)
+    plain = anchored_least_squares(gram_kept, (gram @ w.T)[kept], w[:, kept], ridge_value, 0.0)
+    assert torch.equal(plain, solve_damped(gram_kept, (gram @ w.T)[kept], ridge_value))
+    assert (plain - fit).abs().max() > 1e-2  # the anchor changes the answer
+    held = anchored_least_squares(gram_kept, (gram @ w.T)[kept], w[:, kept], ridge_value, 1e9)
+    assert torch.allclose(held, w[:, kept], atol=1e-6)  # a strong anchor keeps the original weights
+
+
+def test_anchor_is_recorded_and_moves_the_refit(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+    from depgraph_llm.job.options import PruneOptions
+    from depgraph_llm.job.prune import run_prune as prune_in_process
+
+    weights = {}
+    for anchor in (0.0, 0.5):
+        out = tmp_path / f"anchor-{anchor}"
+        prune_in_process(PruneOptions(model=str(tiny_checkpoint), out=out, ratio=0.3, seq_len=32, calibration_samples=4,
+                                      round_to=1, show_progress=False, evaluate=False, reconstruct="ls",
+                                      reconstruct_anchor=anchor))
+        assert json.loads((out / "prune_plan.json").read_text())["reconstruct_anchor"] == anchor
+        weights[anchor] = load_file(out / "model.safetensors")
+    plain, anchored = weights[0.0], weights[0.5]
+    assert any(not torch.equal(anchored[n], plain[n]) for n in plain if n.endswith("down_proj.weight"))
+    assert all(torch.equal(anchored[n], plain[n]) for n in plain if n.endswith(("up_proj.weight", "gate_proj.weight")))
+
+
+def test_negative_anchor_is_a_one_line_error(tiny_checkpoint, tmp_path):
+    result = run_prune("--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--ratio", "0.3",
+                       "--reconstruct-anchor", "-1", *FAST)
+    assert "--reconstruct-anchor" in one_line_error(result)
+    assert not (tmp_path / "o").exists()

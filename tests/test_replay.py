@@ -27,6 +27,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("recipe", [dict(reconstruct="obs"), dict(reconstruct="ls", reconstruct_mode="local"),
                                     dict(reconstruct="obs", calibration="self"),
+                                    dict(reconstruct="obs", reconstruct_anchor=0.5),
                                     dict(reconstruct="obs", head_ratio=0.5)])  # OBS re-chooses query heads too
 def test_apply_reproduces_a_reconstructed_prune_byte_for_byte(tiny_checkpoint, tmp_path, recipe):
     recipe = {"calibration": str(LICENCE), **recipe}

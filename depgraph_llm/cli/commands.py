@@ -63,6 +63,10 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "see docs/new-architecture.md")
     parser.add_argument("--reconstruct-mode", default="sequential", help="local (fit on the dense model's "
                         "activations) or sequential (fit on the pruned model's running activations, dense targets)")
+    parser.add_argument("--reconstruct-anchor", type=float, metavar="A",
+                        help="ls/obs: pull the refit toward the original weights, each input in proportion to its "
+                        "energy (0: plain least squares; default: PruneOptions.reconstruct_anchor); trades calibration "
+                        "error for error on text of other registers (docs/reconstruction-anchor.md)")
     parser.add_argument("--cross-block", type=int, default=0, metavar="W", help="after the closed-form "
                         "reconstruction, tune W consecutive pruned layers at a time (Adam) so that their output on "
                         "the pruned stream matches the dense layers' on the dense stream (default 0: off)")
@@ -165,7 +169,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code, streaming=args.streaming, in_memory=args.in_memory, dtype=args.dtype,
         device=args.device, device_map=args.device_map, activation_budget_mb=args.activation_budget_mb, cross_block=args.cross_block,
         cross_block_epochs=args.cross_block_epochs, cross_block_lr=args.cross_block_lr,
-        cross_block_reg=args.cross_block_reg)
+        cross_block_reg=args.cross_block_reg,
+        **({} if args.reconstruct_anchor is None else {"reconstruct_anchor": args.reconstruct_anchor}))
     if args.recover and not args.dry_run:
         from depgraph_llm.cli.recover import cmd_prune_and_recover
 

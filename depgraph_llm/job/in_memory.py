@@ -213,6 +213,7 @@ def reconstruction_stages(coupling: CouplingGraph, plan: PrunePlan, calibration:
     refit / merge, which then masks them out of the routing), then the dense projections' reconstruction, then
     (in memory: `heldout` given, or --cross-block) the block-output errors and the cross-block refit."""
     plan.expert_reconstruct = options.expert_reconstruct
+    plan.reconstruct_anchor = options.reconstruct_anchor if options.reconstruct in ("ls", "obs") else 0.0
     experts = prepare_expert_reconstruction(coupling, plan, calibration, options.expert_reconstruct,
                                             sequential=options.reconstruct_mode != "local")
     dense = prepare_reconstruction(coupling, plan, calibration, options.reconstruct, options.reconstruct_mode)

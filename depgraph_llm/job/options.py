@@ -84,6 +84,7 @@ class PruneOptions:
     vocab_keep: int | None = None
     reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
     reconstruct_mode: str = "sequential"
+    reconstruct_anchor: float = 0.0  # ls/obs refit pulled toward the original weights (recovery/solvers.py)
     expert_reconstruct: str = "drop"  # after removing routed experts: drop, router (refit), merge (recovery/experts.py)
     calibration: str | None = None
     eval_text: str | None = None
@@ -144,6 +145,8 @@ class PruneOptions:
         parse_schedule(self.schedule)
         if self.search_generations < 0:
             raise UserError(f"--search-generations {self.search_generations} must be 0 or more")
+        if not self.reconstruct_anchor >= 0:
+            raise UserError(f"--reconstruct-anchor {self.reconstruct_anchor} must be 0 (plain least squares) or more")
         if not self.search_time_s >= 0:
             raise UserError(f"--search-time {self.search_time_s} must be 0 (no limit) or a number of seconds")
         get_expert_method(self.expert_reconstruct)

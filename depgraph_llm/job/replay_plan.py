@@ -54,7 +54,8 @@ def run_apply(plan_path: Path, model: str | None, out: Path, overwrite: bool = F
     if calibration:
         recorded = json.dumps([plan.keep, plan.keep_nested], sort_keys=True)
         options = PruneOptions(model=str(model_path), ratio=plan.ratio_requested, reconstruct=plan.reconstruct,
-                               reconstruct_mode=plan.reconstruct_mode, show_progress=False,
+                               reconstruct_mode=plan.reconstruct_mode, reconstruct_anchor=plan.reconstruct_anchor,
+                               show_progress=False,
                                **replayed_cross_block(plan))
         try:
             apply_in_memory(loaded, coupling, plan, calibration, options, timer)

@@ -38,6 +38,7 @@ class PrunePlan:
     reconstruct: str = "none"
     reconstruct_mode: str = ""
     reconstruct_report: dict = field(default_factory=dict)
+    reconstruct_anchor: float = 0.0  # refit pulled toward the original weights (recovery/solvers.py); 0: plain LS
     expert_reconstruct: str = "drop"  # routed experts removed: drop / router refit / merge (recovery/experts.py)
     expert_reconstruct_report: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
