@@ -84,7 +84,7 @@ class PruneOptions:
     vocab_keep: int | None = None
     reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
     reconstruct_mode: str = "sequential"
-    reconstruct_anchor: float = 0.0  # ls/obs refit pulled toward the original weights (recovery/solvers.py)
+    reconstruct_anchor: float = 0.1  # ls/obs refit pulled toward the original weights (recovery/solvers.py)
     expert_reconstruct: str = "drop"  # after removing routed experts: drop, router (refit), merge (recovery/experts.py)
     calibration: str | None = None
     eval_text: str | None = None
