@@ -214,7 +214,7 @@ class Reconstruction(LayerCallback):
         for position, consumer in enumerate(self._consumers):
             if position and self.mode == "sequential":
                 self.restat(step, self._consumers[position:])
-            before, after = _solve(consumer, self.method, self.damp, self.plan)
+            before, after = _solve(consumer, self.method, self.damp, self.plan, self.plan.reconstruct_anchor)
             self._errors_before.append(before)
             self._errors_after.append(after)
             self.report.reselected_groups += consumer.group is not None and self.method == "obs"
@@ -266,7 +266,8 @@ def reconstruct(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, batc
     return callback.report
 
 
-def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tuple[float, float]:
+def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan | None,
+           anchor: float = 0.0) -> tuple[float, float]:
     """New weights for one consumer; returns the relative output error before and after (on calibration).
 
     Memory: the Gram is dropped once its kept block is gathered (before the solve), the targets are kept on the
@@ -302,7 +303,7 @@ def _solve(consumer: _Consumer, method: str, damp: float, plan: PrunePlan) -> tu
         new_bias = bias_correction(sum_x / tokens, sum_y / tokens, weight, kept)
     else:  # targets minus the bias, which is kept or fitted apart
         new_weight = anchored_least_squares(gram_kept, cross_kept - sum_x_kept[:, None] * b, weight[:, kept],
-                                            ridge_value, plan.reconstruct_anchor)
+                                            ridge_value, anchor)
 
     def residual(w_kept: torch.Tensor, bias_vec: torch.Tensor) -> float:
         value = (torch.einsum("oi,ij,oj->", w_kept, gram_kept, w_kept)

@@ -153,7 +153,9 @@ def test_a_planted_never_routed_expert_removed_with_reconstruction_gives_the_den
     batches = [torch.randint(3, 160, (1, 40)) for _ in range(3)]
     plan = prune_experts(model, [0, 1, 2, 4], method, batches)
     assert plan.expert_reconstruct == method and plan.expert_reconstruct_report["moe_layers"] == 2
-    assert torch.equal(logits(model), dense)
+    # equal up to float reduction order: the router's softmax / top-k over 4 instead of 5 experts can take another
+    # SIMD path on some CPUs (seen: 4.5e-8 on an AMD EPYC), so bit equality would test the CPU, not the removal
+    assert torch.allclose(logits(model), dense, rtol=0, atol=1e-6)
 
 
 def test_pipeline_records_the_method_and_the_merged_model_runs_stock(tmp_path):

@@ -241,7 +241,9 @@ def test_removing_an_expert_the_router_never_selects_changes_nothing(arch):
     plan = PrunePlan("", model.config.model_type, "test", "experts", 0, 0.1, 1, 1, 1, keep=keep)
     apply_plan(model, coupling, plan, spec_for(MOE_ARCHS[arch][0]))
     assert model.model.layers[0].mlp.gate.weight.shape[0] == 4
-    assert torch.equal(logits(model), dense_logits) and torch.equal(greedy(model), dense_tokens)
+    # equal up to float reduction order: the router's softmax / top-k over 4 instead of 5 experts can take another
+    # SIMD path on some CPUs (seen: 4.5e-8 on an AMD EPYC), so bit equality would test the CPU, not the removal
+    assert torch.allclose(logits(model), dense_logits, rtol=0, atol=1e-6) and torch.equal(greedy(model), dense_tokens)
 
 
 def test_top_k_is_clipped_to_the_experts_left(tmp_path):
