@@ -217,3 +217,5 @@ def test_summary_line_shows_calibration_and_heldout_errors():
         "error_calibration": {"mean": 0.0123}, "error_heldout": {"mean": 0.0456}, "cross_block": {"window": 2}}}
     line = _reconstruction(report)
     assert "0.0123 (calibration) / 0.0456 (held-out)" in line and "2 layers at a time" in line
+    assert "anchor" not in line
+    assert _reconstruction({**report, "reconstruct_anchor": 0.25}).startswith("obs (sequential), anchor 0.25: 6 ")

@@ -52,7 +52,9 @@ def _reconstruction(report: dict) -> str:
     detail = report.get("reconstruct_report") or {}
     if method == "none" or not detail:
         return method
-    text = (f"{method}: {detail['consumers']} projections refitted, relative output error "
+    anchor = report.get("reconstruct_anchor") or 0
+    text = (f"{method}{f', anchor {anchor:g}' if anchor else ''}: {detail['consumers']} projections refitted, "
+            f"relative output error "
             f"{detail['relative_error_before']:.3f} -> {detail['relative_error_after']:.3f} on calibration data")
     if "cross_block" in detail:
         text += f", cross-block refit of {detail['cross_block']['window']} layers at a time"

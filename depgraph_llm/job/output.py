@@ -29,6 +29,7 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
         "seed": plan.seed, "round_to": plan.round_to,
         "reconstruct": plan.reconstruct if plan.reconstruct == "none" else f"{plan.reconstruct} ({plan.reconstruct_mode})",
         "reconstruct_report": plan.reconstruct_report,
+        "reconstruct_anchor": plan.reconstruct_anchor,
         "expert_reconstruct": plan.expert_reconstruct,
         **({"hidden_method": plan.hidden_method, "rotation_report": plan.rotation_report}
            if plan.hidden_method != "select" else {}),
