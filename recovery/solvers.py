@@ -10,8 +10,9 @@ when calibration tokens are few.
   With an anchor a > 0 every damping term pulls toward the original weights W instead of toward zero, and each
   input column also in proportion to its own energy (so the pull does not depend on how the inputs are scaled):
   + sum_i (ridge + a G_ii) ||W'_:,i - W_:,i||^2. Toward zero, a ridge set by the mean energy shrinks the typical
-  column hard where one outlier channel holds most of it (SmolLM2's layer 11: mean / median energy ~600). Fewer calibration tokens than a few per input
-  dimension overfit the calibration text; the anchor trades calibration error for error on other text.
+  column hard where one outlier channel holds most of it (SmolLM2's layer 11: mean / median energy ~600). Fewer
+  calibration tokens than a few per input dimension overfit the calibration text; the anchor trades calibration
+  error for error on other text.
 - bias (FLAP): kept weights unchanged, the removed channels' mean contribution moves into the bias.
 - OBS (SlimGPT): choose which units to remove greedily by their optimal-brain-surgeon saliency under the
   inverse Hessian H^-1 = (X^T X + ridge)^-1, updating the remaining weights after every removal.
@@ -41,8 +42,8 @@ def kept_block(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def damped_in_place(gram: torch.Tensor, ridge_value: float | torch.Tensor) -> Iterator[torch.Tensor]:
-    """`gram` with `ridge_value` (a number, or one per row) added to its diagonal for the duration of the block, restored bit for bit
-    afterwards: no second matrix of its size is made (a Llama-3.1-8B down_proj Gram is 1.6 GB in float64)."""
+    """`gram` with `ridge_value` (a number, or one per row) added to its diagonal for the duration of the block,
+    restored bit for bit afterwards: no second matrix of its size is made (a Llama-3.1-8B down_proj Gram is 1.6 GB in float64)."""
     diagonal = gram.diagonal()
     undamped = diagonal.clone()
     diagonal.add_(ridge_value)

@@ -105,8 +105,9 @@ def main() -> int:
             print(f"layer {i:2d}  {label:11s}  calibration {row['calibration']:.4f}  "
                   + "  ".join(f"{name} {row[name]:.4f}" for name in held), flush=True)
     record = {"model": str(resolve_model_path(args.model)), "keep": args.keep, "windows": len(calibration),
-              "calibration_tokens": sum(w.numel() for w in calibration), "calibration": calibration_record(source, calibration, args.seq_len, 0), "held_out": list(held), "seconds": round(time.time() - started, 1),
-              "rows": rows}
+              "calibration_tokens": sum(w.numel() for w in calibration),
+              "calibration": calibration_record(source, calibration, args.seq_len, 0), "held_out": list(held),
+              "seconds": round(time.time() - started, 1), "rows": rows}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "results.jsonl", "a") as handle:

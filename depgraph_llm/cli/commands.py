@@ -157,7 +157,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
-        schedule=args.schedule, search_generations=args.search_generations, search_time_s=args.search_time, search_layer_drops=args.search_layer_drops,
+        schedule=args.schedule, search_generations=args.search_generations, search_time_s=args.search_time,
+        search_layer_drops=args.search_layer_drops,
         depth_metric=args.depth_metric, reconstruct=args.reconstruct,
         reconstruct_mode=args.reconstruct_mode, expert_reconstruct=args.expert_reconstruct,
         calibration=args.calibration, eval_text=args.eval_text,

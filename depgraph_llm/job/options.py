@@ -71,7 +71,7 @@ class PruneOptions:
     schedule: str = "uniform"
     search_generations: int = SearchSettings.generations  # --schedule search (planning/search.py)
     search_layer_drops: bool = False  # --schedule search may also drop whole layers
-    search_time_s: float = 600.0  # --schedule search: no generation starts after this (0: no limit)
+    search_time_s: float = SearchSettings.time_limit_s  # --schedule search: no generation after this (0: no limit)
     depth_metric: str = "bi"
     mlp_ratio: float | None = None
     head_ratio: float | None = None
