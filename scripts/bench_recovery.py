@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import hashlib
 import resource
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+OLD_DEFAULT_RECIPE = "default of 2026-12-01"
 ROWS = {"none": None, "lora": ("lora", False), "lora+distill": ("lora", True), "masked": ("masked", False),
         "full": ("full", False), "masked+distill": ("masked", True)}
 
@@ -68,20 +72,28 @@ def append(out: Path, record: dict) -> None:
     write_table(out)
 
 
+def slim_recipe(record: dict) -> str:
+    """prune.py flags of the slim model a row trained from ("default": the default recipe when the row ran).
+    Rows from before the field trained from the default of 2026-12-01 (8 windows, plain refit and an older
+    calibration mix), which today's flags do not reproduce."""
+    return record.get("slim_recipe", OLD_DEFAULT_RECIPE)
+
+
 def write_table(out: Path) -> None:
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     registers = sorted({r for rec in records for r in rec["perplexity"]}, key=lambda r: (r != "licences", r))
     dense = {rec["ratio"]: rec for rec in records if rec["row"] == "dense"}
     dense_any = next(iter(dense.values()), None)
-    header = ["ratio", "row", "steps", "tokens seen", *[f"ppl {r}" for r in registers], "x dense (licences)",
+    header = ["ratio", "slim recipe", "row", "steps", "tokens seen", *[f"ppl {r}" for r in registers], "x dense (licences)",
               "train s", "peak RSS GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {"dense": 0, "none": 1}
-    for rec in sorted(records, key=lambda r: (r["ratio"], order.get(r["row"], 2), r["row"], r.get("steps", 0))):
+    for rec in sorted(records, key=lambda r: (r["ratio"], slim_recipe(r), order.get(r["row"], 2), r["row"],
+                                              r.get("steps", 0))):
         ppl = rec["perplexity"]
         ratio_dense = (dense_any or {}).get("perplexity", {}).get("licences")
         lines.append("| " + " | ".join([
-            str(rec["ratio"]), rec["row"], str(rec.get("steps", 0)), f"{rec.get('tokens', 0):,}",
+            str(rec["ratio"]), "-" if rec["row"] == "dense" else slim_recipe(rec), rec["row"], str(rec.get("steps", 0)), f"{rec.get('tokens', 0):,}",
             *[f"{ppl[r]:.2f}" if r in ppl else "-" for r in registers],
             f"{ppl['licences'] / ratio_dense:.2f}" if ratio_dense and "licences" in ppl else "-",
             f"{rec['train_s']:.0f}" if "train_s" in rec else "-",
@@ -90,13 +102,14 @@ def write_table(out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n\nSettings: " + json.dumps(settings) + "\n")
 
 
-def slim_checkpoint(ratio: float, work: Path) -> Path:
-    from depgraph_llm.job.options import PruneOptions
-    from depgraph_llm.job.prune import run_prune
-
-    folder = work / f"slim-{ratio:g}"
+def slim_checkpoint(ratio: float, work: Path, prune_flags: str) -> Path:
+    """The slim model every row of one (ratio, recipe) trains from, pruned once by `prune.py` in a fresh process."""
+    key = hashlib.sha256(prune_flags.encode()).hexdigest()[:8] if prune_flags else ""
+    folder = work / (f"slim-{ratio:g}-{key}" if key else f"slim-{ratio:g}")
     if not (folder / "prune_report.json").is_file():
-        run_prune(PruneOptions(ratio=ratio, out=folder, evaluate=False, show_progress=False, overwrite=True))
+        command = [sys.executable, str(ROOT / "prune.py"), "--ratio", str(ratio), "--out", str(folder), "--no-eval",
+                   "--overwrite", *shlex.split(prune_flags)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return folder
 
 
@@ -115,6 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-chars", type=int, default=400_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-recovery"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench-recovery")
+    parser.add_argument("--prune-flags", default="", help="prune.py flags for the slim model on top of --ratio "
+                        "(default: none, the default recipe); recorded with every row as its slim recipe")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -127,14 +142,15 @@ def main(argv=None) -> int:
 
     evaluation, train_text, train_parts = texts(args)
     args.work.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("work", "out", "table_only", "ratio", "row")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "out", "table_only", "ratio", "row",
+                                                                 "prune_flags")}
     settings.update(recovery_text=train_parts, threads=torch.get_num_threads())
-    base = {"ratio": args.ratio, "row": args.row, "settings": settings}
+    base = {"ratio": args.ratio, "row": args.row, "slim_recipe": args.prune_flags or "default", "settings": settings}
     if args.row == "dense":
         model, tokenizer = load_model(default_model_dir())
         append(args.out, {**base, "ratio": 0.0, "perplexity": evaluate(model, tokenizer, evaluation, args)})
         return 0
-    slim = slim_checkpoint(args.ratio, args.work)
+    slim = slim_checkpoint(args.ratio, args.work, args.prune_flags)
     if args.row == "none":
         model, tokenizer = load_model(slim)
         append(args.out, {**base, "perplexity": evaluate(model, tokenizer, evaluation, args),
@@ -158,7 +174,7 @@ def main(argv=None) -> int:
                               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
 
     lr = args.lr or (2e-4 if trainer == "lora" else 5e-5)
-    out = args.work / f"recovered-{args.ratio:g}-{args.row}"
+    out = args.work / f"recovered-{slim.name}-{args.row}"
     run_recover(RecoverOptions(slim=slim, out=out, trainer=trainer, data=str(data_file),
                                teacher="dense" if distill else None, steps=eval_at[-1], lr=lr,
                                batch_size=args.batch_size, seq_len=args.seq_len, evaluate=False, overwrite=True,
