@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from depgraph_llm.calibration.corpora import available_registers, corpus_part  # noqa: E402
 from depgraph_llm.checkpoint.loading import load_model, load_pruned, resolve_model_path  # noqa: E402
 from depgraph_llm.cli.summary import table  # noqa: E402
-from depgraph_llm.evaluation.perplexity import perplexity  # noqa: E402
+from depgraph_llm.evaluation.perplexity import dense_equivalent_ratio, perplexity  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 REGISTERS = ("fortunes", "jargon", "novels", "licences")
 CROSS_BLOCK = ["--cross-block", "2", "--cross-block-epochs", "4", "--cross-block-lr", "1e-4"]
@@ -42,9 +43,12 @@ ROWS: dict[str, list[str]] = {  # label -> prune.py flags on top of --ratio
 }
 
 
-def evaluate(model, tokenizer, texts: dict[str, str], tokens: int) -> dict[str, float]:
-    return {name: round(perplexity(model, tokenizer, text, 512, tokens, False).perplexity, 3)
-            for name, text in texts.items()}
+def evaluate(model, tokenizer, texts: dict[str, str], tokens: int) -> dict:
+    """Perplexity per register, and under "per_byte" its [NLL per byte, bytes per token] (for rows whose
+    tokenizer differs from the dense one: --vocab-keep)."""
+    results = {name: perplexity(model, tokenizer, text, 512, tokens, False) for name, text in texts.items()}
+    return {**{name: round(r.perplexity, 3) for name, r in results.items()},
+            "per_byte": {name: [r.nll_per_byte, r.bytes_per_token] for name, r in results.items()}}
 
 
 def peer_child(ratio: float, out: Path, model: str | None) -> None:
@@ -101,10 +105,22 @@ def latest_rows(results: Path) -> list[dict]:
     return list(newest.values())
 
 
+def ratio_to_dense(row: dict, dense: dict, register: str) -> tuple[float, bool]:
+    """Perplexity ratio to dense, and whether it had to be taken per byte because the row's tokenizer spells the
+    text differently (a pruned vocabulary): then it is `dense_equivalent_ratio`, in the dense model's tokens."""
+    mine, theirs = row.get("per_byte", {}).get(register), dense.get("per_byte", {}).get(register)
+    if mine and theirs and abs(mine[1] - theirs[1]) > 1e-9:
+        return dense_equivalent_ratio(mine[0], theirs[0], theirs[1]), True
+    return row[register] / dense[register], False
+
+
 def cell(row: dict, dense: dict, register: str) -> str:
     if register not in row or register not in dense:
         return "-"
-    return f"{row[register]:.2f}" if row is dense else f"{row[register]:.2f} (x{row[register] / dense[register]:.2f})"
+    if row is dense:
+        return f"{row[register]:.2f}"
+    ratio, per_byte = ratio_to_dense(row, dense, register)
+    return f"{dense[register] * ratio:.2f} (x{ratio:.2f}){'*' if per_byte else ''}"
 
 
 def render(out: Path) -> None:
@@ -117,7 +133,9 @@ def render(out: Path) -> None:
                f"{r['wall_s']:.0f} / {r['cpu_s']:.0f}"] for r in grid]
     text = table(lines, ["row", "ratio", *REGISTERS, "wall / cpu s"])
     header = ("Perplexity (x dense) on each register's evaluation part, 4096 tokens in 512-token windows; default "
-              "calibration. Commands: results.jsonl.")
+              "calibration. Commands: results.jsonl. *: the row's tokenizer differs (pruned vocabulary), so the "
+              "ratio is taken per UTF-8 byte and expressed in the dense model's tokens (dense_equivalent_ratio in "
+              "evaluation/perplexity.py), and the perplexity shown is dense x that ratio.")
     (out / "results.md").write_text(header + "\n\n```\n" + text + "\n```\n")
     print(text)
     import matplotlib
@@ -128,7 +146,7 @@ def render(out: Path) -> None:
     figure, axes = plt.subplots(1, len(REGISTERS), figsize=(4 * len(REGISTERS), 3.4), sharey=True)
     for axis, register in zip(axes, REGISTERS):
         for label in dict.fromkeys(r["row"] for r in grid):
-            points = sorted((r["ratio"], r[register] / dense[register]) for r in grid
+            points = sorted((r["ratio"], ratio_to_dense(r, dense, register)[0]) for r in grid
                             if r["row"] == label and register in r and register in dense)
             if points:
                 axis.plot(*zip(*points), marker="o", label=label)
@@ -174,7 +192,7 @@ def main() -> None:
     texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
     done = latest_rows(results)
     complete = [r for r in done if not args.backfill or all(n in r for n in texts)]
-    if not any(r["row"] == "dense" for r in complete):
+    if not any(r["row"] == "dense" and "per_byte" in r for r in complete):
         with results.open("a") as handle:
             handle.write(json.dumps({"row": "dense", **evaluate(model, tokenizer, texts, args.eval_tokens)}) + "\n")
     del model
@@ -184,7 +202,9 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory(prefix="bench-grid-") as folder:
                 row = prune_row(label, ratio, Path(folder) / "out", args.model)
-                row.update(evaluate(load_pruned(Path(folder) / "out").eval(), tokenizer, texts, args.eval_tokens))
+                pruned_tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "out")  # --vocab-keep shrinks it
+                row.update(evaluate(load_pruned(Path(folder) / "out").eval(), pruned_tokenizer, texts,
+                                    args.eval_tokens))
             with results.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

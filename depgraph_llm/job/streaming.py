@@ -5,7 +5,6 @@ step on the skeleton, and perplexity after, read back layer by layer from the wr
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from depgraph_llm.calibration.record import calibration_record
 from depgraph_llm.checkpoint.files import atomic_dir, check_free_space, weights_hash, write_json
 from depgraph_llm.checkpoint.shards import ShardReader, ShardWriter
 from depgraph_llm.errors import UserError
-from depgraph_llm.evaluation.perplexity import PerplexityResult
+from depgraph_llm.evaluation.perplexity import PerplexityResult, result_of
 from depgraph_llm.importance import get_estimator
 from depgraph_llm.layers import LayerCallback, LayerPipeline
 from depgraph_llm.job.in_memory import layer_progress, plan_in_memory, reconstruction_stages, record_reconstruction
@@ -84,8 +83,7 @@ def streamed_perplexity(source, tokenizer, text: str, seq_len: int = 512, max_to
     windows = token_windows(tokenizer, text, seq_len, max(1, max_tokens // seq_len), purpose="evaluation")
     nll = _NegativeLogLikelihood()
     LayerPipeline(source, [nll], progress=progress).run(windows)
-    return PerplexityResult(math.exp(nll.total_nll / nll.predicted), nll.predicted + len(windows), len(windows),
-                            seq_len)
+    return result_of(nll.total_nll, nll.predicted, windows, tokenizer, seq_len)
 
 
 def _refuse_unsupported(options) -> None:
