@@ -80,7 +80,7 @@ def slim_recipe(record: dict) -> str:
 
 
 def write_table(out: Path) -> None:
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    records = merged([json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()])
     registers = sorted({r for rec in records for r in rec["perplexity"]}, key=lambda r: (r != "licences", r))
     dense = {rec["ratio"]: rec for rec in records if rec["row"] == "dense"}
     dense_any = next(iter(dense.values()), None)
@@ -113,6 +113,44 @@ def slim_checkpoint(ratio: float, work: Path, prune_flags: str) -> Path:
     return folder
 
 
+def final_eval(args) -> int:
+    """Evaluate the slim model and each recovered checkpoint of (ratio, recipe) on more registers afterwards."""
+    from depgraph_llm.calibration import corpora
+    from depgraph_llm.checkpoint.loading import default_model_dir, load_model
+
+    evaluation = {name: corpora.corpus_part(name, "evaluation").text for name in args.final_eval.split(",")}
+    model, tokenizer = load_model(default_model_dir())
+    append(args.out, {"ratio": 0.0, "row": "dense", "steps": 0, "final_eval": True,
+                      "perplexity": evaluate(model, tokenizer, evaluation, args)})
+    slim = slim_checkpoint(args.ratio, args.work, args.prune_flags)
+    base = {"ratio": args.ratio, "slim_recipe": args.prune_flags or "default", "final_eval": True}
+    for row in ["none", *ROWS]:
+        folder = slim if row == "none" else args.work / f"recovered-{slim.name}-{row}"
+        if not (folder / "config.json").is_file():
+            continue
+        report = json.loads((folder / "prune_report.json").read_text()) if row != "none" else {}
+        steps = report.get("recovery", {}).get("steps", 0)
+        model, tokenizer = load_model(folder)
+        append(args.out, {**base, "row": row, "steps": steps, "perplexity": evaluate(model, tokenizer, evaluation,
+                                                                                      args)})
+    return 0
+
+
+def merged(records: list[dict]) -> list[dict]:
+    """Records with each --final-eval record folded into the last earlier record of the same run end."""
+    out: list[dict] = []
+    for rec in records:
+        if not rec.get("final_eval"):
+            out.append(dict(rec, perplexity=dict(rec["perplexity"])))
+            continue
+        key = (rec["ratio"], slim_recipe(rec), rec["row"], rec.get("steps", 0))
+        target = next((r for r in reversed(out) if (r["ratio"], slim_recipe(r), r["row"], r.get("steps", 0)) == key),
+                      None)
+        if target is not None:
+            target["perplexity"].update(rec["perplexity"])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.5)
@@ -130,6 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench-recovery")
     parser.add_argument("--prune-flags", default="", help="prune.py flags for the slim model on top of --ratio "
                         "(default: none, the default recipe); recorded with every row as its slim recipe")
+    parser.add_argument("--final-eval", metavar="REGISTERS", help="only evaluate the finished checkpoints of "
+                        "--ratio / --prune-flags (the slim model and every row's recovered model) on more "
+                        "registers, e.g. novels; merged into the table row of each run's last step")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -140,6 +181,8 @@ def main(argv=None) -> int:
     from depgraph_llm.checkpoint.loading import default_model_dir, load_model
     from depgraph_llm.job.recover import RecoverOptions, run_recover
 
+    if args.final_eval:
+        return final_eval(args)
     evaluation, train_text, train_parts = texts(args)
     args.work.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("work", "out", "table_only", "ratio", "row",
