@@ -160,7 +160,6 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
                      params_after=params_after, keep=keep, keep_nested=keep_nested, removed_layers=removed_layers,
                      reconstruct=reconstruct, reconstruct_mode=reconstruct_mode if reconstruct != "none" else "",
                      expert_reconstruct=getattr(options, "expert_reconstruct", "drop"), hidden_method=hidden_method,
-                     hidden_norm_rescale=hidden_method == "select",
                      allocation={k: v for k, v in asdict(allocation).items() if v not in (None, 1)})
     plan.search = searched.record if searched else {}
     if hidden_method == "rotate":

@@ -47,7 +47,6 @@ class PrunePlan:
     calibration: dict = field(default_factory=dict)  # the calibration source and windows digest (calibration/record.py)
     hidden_method: str = "select"  # hidden channels: selected, or "rotate" (PCA rotation first, recovery/rotation.py)
     rotation_report: dict = field(default_factory=dict)
-    hidden_norm_rescale: bool = False  # selected hidden channels: norm gains x sqrt(d/k) (removal/norm_rescale.py)
     format: int = PLAN_FORMAT
 
     @property

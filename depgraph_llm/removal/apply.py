@@ -13,7 +13,6 @@ from depgraph_llm.errors import UserError
 from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.planning.plan import PrunePlan, axis_masks
 from depgraph_llm.removal.experts import clip_top_k, expert_counts, fix_expert_attrs
-from depgraph_llm.removal.norm_rescale import hidden_axis_weights, rescale_sliced_norms
 from depgraph_llm.removal.overrides import make_reproducible
 from depgraph_llm.planning.vocab import remap_config_ids
 from depgraph_llm.removal.slim_config import WIDTH_KEYS, is_uniform, make_heterogeneous, width_fields
@@ -79,7 +78,6 @@ def slice_layer(layer: nn.Module, index: int, coupling: CouplingGraph, plan: Pru
     masks = axis_masks(coupling, plan) if masks is None else masks
     _slice_parameters(layer, f"{coupling.layers_path}.{index}.", masks)
     _fix_module_sizes(layer)
-    _rescale_norms(layer, f"{coupling.layers_path}.{index}.", coupling, plan)
     counts = head_counts(coupling, plan).get(index)
     if counts is not None:
         module_path = module_path_of(counts["module"], coupling.layers_path)
@@ -99,7 +97,6 @@ def finish_plan(model: nn.Module, coupling: CouplingGraph, plan: PrunePlan, spec
     hidden_change = _hidden_change(coupling, plan)
     if hidden_change:
         _fix_parameterless_norms(model, *hidden_change)
-        _rescale_norms(model, "", coupling, plan, skip=f"{coupling.layers_path}." if coupling.layers_path else None)
         if spec.after_hidden_pruning:
             spec.after_hidden_pruning(model, *hidden_change)
     _fix_attention_attrs(model, coupling, plan, spec)
@@ -116,17 +113,6 @@ def _hidden_change(coupling: CouplingGraph, plan: PrunePlan) -> tuple[int, int] 
     if not hidden or len(plan.keep.get(hidden[0].name, range(hidden[0].size))) == hidden[0].size:
         return None
     return hidden[0].size, len(plan.keep[hidden[0].name])
-
-
-def _rescale_norms(root: nn.Module, prefix: str, coupling: CouplingGraph, plan: PrunePlan,
-                   skip: str | None = None) -> None:
-    """Selected hidden channels: the norms' gains by sqrt(d / k) (removal/norm_rescale.py); plans from before
-    `hidden_norm_rescale` replay without it."""
-    change = _hidden_change(coupling, plan)
-    if change is None or not plan.hidden_norm_rescale or plan.hidden_method != "select":
-        return
-    names = [n for n in hidden_axis_weights(coupling) if not (skip and n.startswith(skip))]
-    rescale_sliced_norms(root, prefix, names, *change)
 
 
 def _fix_parameterless_norms(model: nn.Module, old_hidden: int, new_hidden: int) -> None:
