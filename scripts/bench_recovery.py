@@ -15,9 +15,9 @@ OUT/results.jsonl as they come and OUT/results.md is rebuilt from it:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
-import hashlib
 import resource
 import shlex
 import subprocess
@@ -80,12 +80,13 @@ def slim_recipe(record: dict) -> str:
 
 
 def write_table(out: Path) -> None:
-    records = merged([json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()])
+    lines_in = (out / "results.jsonl").read_text().splitlines()
+    records = merged([json.loads(line) for line in lines_in if line.strip()])
     registers = sorted({r for rec in records for r in rec["perplexity"]}, key=lambda r: (r != "licences", r))
     dense = {rec["ratio"]: rec for rec in records if rec["row"] == "dense"}
     dense_any = next(iter(dense.values()), None)
-    header = ["ratio", "slim recipe", "row", "steps", "tokens seen", *[f"ppl {r}" for r in registers], "x dense (licences)",
-              "train s", "peak RSS GiB"]
+    header = ["ratio", "slim recipe", "row", "steps", "tokens seen", *[f"ppl {r}" for r in registers],
+              "x dense (licences)", "train s", "peak RSS GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = {"dense": 0, "none": 1}
     for rec in sorted(records, key=lambda r: (r["ratio"], slim_recipe(r), order.get(r["row"], 2), r["row"],
@@ -93,7 +94,8 @@ def write_table(out: Path) -> None:
         ppl = rec["perplexity"]
         ratio_dense = (dense_any or {}).get("perplexity", {}).get("licences")
         lines.append("| " + " | ".join([
-            str(rec["ratio"]), "-" if rec["row"] == "dense" else slim_recipe(rec), rec["row"], str(rec.get("steps", 0)), f"{rec.get('tokens', 0):,}",
+            str(rec["ratio"]), "-" if rec["row"] == "dense" else slim_recipe(rec), rec["row"],
+            str(rec.get("steps", 0)), f"{rec.get('tokens', 0):,}",
             *[f"{ppl[r]:.2f}" if r in ppl else "-" for r in registers],
             f"{ppl['licences'] / ratio_dense:.2f}" if ratio_dense and "licences" in ppl else "-",
             f"{rec['train_s']:.0f}" if "train_s" in rec else "-",
