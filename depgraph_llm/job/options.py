@@ -15,6 +15,8 @@ from depgraph_llm.planning.budget import Allocation
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.planning.schedules import NONUNIFORM
 from depgraph_llm.planning.search import SearchSettings
+from depgraph_llm.planning.vocab_cost import AUTO_VOCAB
+from depgraph_llm.planning.vocab_cost import DEFAULT_TOLERANCE as VOCAB_TOLERANCE
 from depgraph_llm.recovery.cross_block import CrossBlockSettings
 from depgraph_llm.recovery.experts import get_method as get_expert_method
 from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS
@@ -81,7 +83,8 @@ class PruneOptions:
     experts_keep: int | None = None
     expert_ratio: float | None = None
     tp_size: int = 1
-    vocab_keep: int | None = None
+    vocab_keep: int | str | None = None  # a number of tokens, or "auto" (planning/vocab_cost.py)
+    vocab_tolerance: float = VOCAB_TOLERANCE  # --vocab-keep auto: perplexity cost allowed on held-out text
     reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
     reconstruct_mode: str = "sequential"
     reconstruct_anchor: float = 0.1  # ls/obs refit pulled toward the original weights (recovery/solvers.py)
@@ -128,8 +131,12 @@ class PruneOptions:
                 raise UserError(f"--{name.replace('_', '-')} {value} is outside [0, 1); pass the fraction to remove")
         if self.layers_removed is not None and self.layers_removed < 1:
             raise UserError(f"--layers-removed {self.layers_removed} must be a positive number of layers")
-        if self.vocab_keep is not None and self.vocab_keep < 1:
-            raise UserError(f"--vocab-keep {self.vocab_keep} must be a positive number of tokens")
+        if self.vocab_keep is not None and self.vocab_keep != AUTO_VOCAB and (
+                not isinstance(self.vocab_keep, int) or self.vocab_keep < 1):
+            raise UserError(f"--vocab-keep {self.vocab_keep} must be a positive number of tokens or '{AUTO_VOCAB}'")
+        if not 0.0 <= self.vocab_tolerance < 1.0:
+            raise UserError(f"--vocab-tolerance {self.vocab_tolerance} is outside [0, 1); pass the perplexity cost "
+                            "allowed, e.g. 0.01 for 1%")
         if self.tp_size < 1:
             raise UserError(f"--tp-size {self.tp_size} must be a positive integer")
         if self.hidden_method not in HIDDEN_METHODS:

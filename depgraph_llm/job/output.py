@@ -14,7 +14,7 @@ from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.job.timing import StageTimer
 from depgraph_llm.planning.experts import moe_report
 from depgraph_llm.planning.plan import PrunePlan
-from depgraph_llm.planning.vocab import prune_tokenizer_files
+from depgraph_llm.planning.vocab import restricted_tokenizer
 from depgraph_llm.removal.apply import layer_widths
 from depgraph_llm.removal.slim_config import copy_modeling_code, is_heterogeneous
 
@@ -54,16 +54,7 @@ def vocab_keep(plan: PrunePlan) -> list[int] | None:
 def pruned_tokenizer(tokenizer, plan: PrunePlan):
     """The tokenizer for the pruned model: itself, or (vocabulary pruning) a copy limited to the kept ids."""
     kept = vocab_keep(plan)
-    if kept is None:
-        return tokenizer
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        prune_tokenizer_files(Path(folder), kept)
-        return AutoTokenizer.from_pretrained(folder)
+    return tokenizer if kept is None else restricted_tokenizer(tokenizer, kept)
 
 
 def source_dtype(model_path: Path) -> torch.dtype:

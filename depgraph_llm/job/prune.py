@@ -64,7 +64,6 @@ def run_prune(options: PruneOptions) -> PruneResult:
     cal_source, eval_text, cal_files, eval_files = calibration_texts(options)
     if eval_text is None and (options.evaluate or options.dry_run):
         eval_text = generated_eval_text(model, tokenizer, options.eval_seq_len, options.eval_tokens, options.seed)
-    cal_text = cal_source.text()
     needs_calibration = (options.vocab_keep is not None and cal_source.is_self
                          or estimator.needs_gradients or estimator.needs_calibration or options.schedule == "depth"
                          or options.reconstruct != "none" or options.layers_removed is not None
@@ -73,8 +72,12 @@ def run_prune(options: PruneOptions) -> PruneResult:
         calibration = calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
     params_before = sum(p.numel() for p in model.parameters())
     allocation = allocation_for(options, getattr(model.config, spec_for(model.config.model_type).layers_field))
+    vocab_record = None
     if options.vocab_keep:
-        allocation = replace(allocation, vocab_ids=tuple(vocab_ids_for(model, tokenizer, cal_text, calibration, options)))
+        with timer("vocabulary"):
+            kept_ids, vocab_record = vocab_ids_for(model, tokenizer, cal_source, calibration, options)
+        if kept_ids is not None:
+            allocation = replace(allocation, vocab_ids=tuple(kept_ids))
     ppl_before = None
     if options.evaluate and not options.dry_run:
         with timer("perplexity_before"):
@@ -105,6 +108,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     report = plan_report(model_path, source_hash, coupling, plan, timer)
     report["calibration"] = {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len,
                              "source": cal_source.record(options.seq_len, len(calibration), options.seed)}
+    if vocab_record is not None:
+        report["vocabulary"] = vocab_record
     report["perplexity"] = {"protocol": "evaluation/perplexity.py", "files": eval_files,
                             "before": ppl_before.to_dict() if ppl_before else None,
                             "after": ppl_after.to_dict() if ppl_after else None}

@@ -19,6 +19,7 @@ from depgraph_llm.evaluation.perplexity import PerplexityResult, result_of
 from depgraph_llm.importance import get_estimator
 from depgraph_llm.layers import LayerCallback, LayerPipeline
 from depgraph_llm.job.in_memory import layer_progress, plan_in_memory, reconstruction_stages, record_reconstruction
+from depgraph_llm.planning.vocab_cost import AUTO_VOCAB
 from depgraph_llm.job.inputs import calibration_batches, calibration_texts, fit_windows_to_context, vocab_ids_for
 from depgraph_llm.job.options import PruneResult, allocation_for
 from depgraph_llm.job.output import plan_report, pruned_tokenizer
@@ -90,6 +91,9 @@ def _refuse_unsupported(options) -> None:
     if options.calibration == "self":
         raise UserError("--calibration self generates text with the whole model; pass --calibration FILE with "
                         "--streaming")
+    if options.vocab_keep == AUTO_VOCAB:
+        raise UserError("--vocab-keep auto scores the vocabulary with the whole model in memory; with --streaming "
+                        "pass a number of tokens (--vocab-keep N), or drop --streaming")
 
 
 def run_prune_streaming(options, model_path: Path, out: Path, timer):
@@ -113,7 +117,6 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
     if eval_text is None and options.evaluate:
         raise UserError("no evaluation text is installed and the streaming path cannot generate one; pass "
                         "--eval-text FILE or --no-eval")
-    cal_text = cal_source.text()
     needs_calibration = (estimator.needs_calibration or estimator.needs_gradients or options.schedule == "depth"
                          or options.reconstruct != "none" or options.expert_reconstruct != "drop"
                          or options.layers_removed is not None)
@@ -122,8 +125,8 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
     spec = spec_for(model.config.model_type)
     allocation = allocation_for(options, getattr(model.config, spec.layers_field))
     if options.vocab_keep:
-        allocation = replace(allocation, vocab_ids=tuple(vocab_ids_for(model, tokenizer, cal_text, calibration,
-                                                                         options)))
+        kept_ids, _ = vocab_ids_for(model, tokenizer, cal_source, calibration, options)
+        allocation = replace(allocation, vocab_ids=tuple(kept_ids))
     progress = layer_progress
     ppl_before = None
     if options.evaluate and not options.dry_run:

@@ -110,6 +110,18 @@ def prune_tokenizer_files(folder: Path, kept: list[int]) -> dict[int, int]:
     return mapping
 
 
+def restricted_tokenizer(tokenizer, kept: list[int]):
+    """A copy of the tokenizer limited to the kept ids (renumbered 0..K-1 in the order of `kept`)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        prune_tokenizer_files(Path(folder), kept)
+        return AutoTokenizer.from_pretrained(folder)
+
+
 def _llama_cpp_pre_tokenizer(folder: Path) -> str | None:
     """The llama.cpp pre-tokenizer name of the (unpruned) tokenizer in `folder`, if known or already recorded."""
     from transformers import AutoTokenizer
