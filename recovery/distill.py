@@ -98,7 +98,7 @@ class Teacher:
         for window in input_ids:
             path = self._cache_file(window) if self.settings.cache_dir else None
             if path is not None and path.is_file():
-                entry = torch.load(path, map_location="cpu")
+                entry = torch.load(path, map_location="cpu", weights_only=True)
                 self.cache_hits += 1
             else:
                 logits = self.full_logits(window.unsqueeze(0))[0]

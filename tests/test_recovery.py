@@ -272,3 +272,32 @@ def test_recover_on_text_the_dense_model_generates(tmp_path):
     data = result.report["recovery"]["data"]
     assert data["files"] == ["self"] and data["windows"] == 3 and data["tokens"] == 3 * FAST["seq_len"]
     assert result.report["recovery"]["tokens"] == 3 * 2 * FAST["seq_len"]
+
+
+def test_distilling_a_vocabulary_pruned_student_from_the_dense_model(tmp_path):
+    """A student that only lost tokens (--vocab-keep) is the dense model restricted to its kept ids: the teacher,
+    restricted the same way, gives it zero KL, full and top-k; a tokenizer that does not match is still refused."""
+    from depgraph_llm.job.options import PruneOptions
+    from depgraph_llm.job.prune import run_prune
+
+    dense_dir = save_tiny_checkpoint(tmp_path / "dense", tie=True)
+    model = tiny_model(tie=True)
+    keep, hidden = 120, model.config.hidden_size
+    share = (model.config.vocab_size - keep) * hidden / sum(p.numel() for p in model.parameters())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the software is provided as is, without warranty of any kind. " * 40)
+    slim_dir = tmp_path / "slim"
+    run_prune(PruneOptions(model=str(dense_dir), out=slim_dir, ratio=share, vocab_keep=keep, mlp_ratio=0.0,
+                           head_ratio=0.0, calibration=str(corpus), seq_len=32, calibration_samples=2,
+                           round_to=1, show_progress=False, evaluate=False, reconstruct="none"))
+    assert json.loads((slim_dir / "config.json").read_text())["vocab_size"] == keep
+    full = run_recover(RecoverOptions(slim=slim_dir, out=tmp_path / "full", trainer="full", teacher="dense",
+                                      **dict(FAST, steps=1)))
+    assert full.report["recovery"]["loss_curve"][0][1] == pytest.approx(0.0, abs=1e-6)
+    topk = run_recover(RecoverOptions(slim=slim_dir, out=tmp_path / "topk", trainer="lora", teacher="dense",
+                                      teacher_topk=keep, teacher_cache=tmp_path / "cache", **dict(FAST, steps=1)))
+    assert topk.report["recovery"]["loss_curve"][0][1] == pytest.approx(0.0, abs=1e-5)
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(dense_dir, other)
+    tiny_tokenizer(vocab_size=150).save_pretrained(other)
+    assert "different tokenizer" in _bad(tmp_path, slim_dir, teacher=str(other))

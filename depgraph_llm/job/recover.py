@@ -3,6 +3,7 @@ the dense model) -> a slim checkpoint of the same shapes, with a `recovery` sect
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,10 @@ from depgraph_llm.checkpoint.loading import load_config, load_model, resolve_mod
 from depgraph_llm.errors import UserError
 from depgraph_llm.evaluation.perplexity import perplexity
 from depgraph_llm.models import spec_for
+from depgraph_llm.job.output import vocab_keep
 from depgraph_llm.planning.plan import PrunePlan
+from depgraph_llm.planning.vocab import restricted_tokenizer
+from depgraph_llm.planning.vocab_cost import RestrictedVocabulary
 from depgraph_llm.recovery.data import SELF_DATA, load_recovery_data
 from depgraph_llm.recovery.distill import DistillSettings, Teacher
 from depgraph_llm.recovery.trainers import StepInfo, TrainSettings, get_trainer, train
@@ -131,15 +135,28 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def check_same_tokenizer(student_tokenizer, teacher_dir: Path, teacher_vocab_rows: int, student_vocab_rows: int) -> None:
-    """Distillation compares logits token by token: the teacher must use the same vocabulary."""
+def check_same_tokenizer(student_tokenizer, teacher_dir: Path, teacher_vocab_rows: int, student_vocab_rows: int,
+                         kept_vocab: list[int] | None = None) -> None:
+    """Distillation compares logits token by token: the teacher must use the same vocabulary, or (a plan that
+    pruned the vocabulary) the same vocabulary once restricted to the plan's kept token ids."""
     from transformers import AutoTokenizer
 
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    if kept_vocab is not None and teacher_vocab_rows is not None and max(kept_vocab) < teacher_vocab_rows:
+        teacher_tokenizer = restricted_tokenizer(teacher_tokenizer, kept_vocab)
+        teacher_vocab_rows = len(kept_vocab)
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab() or teacher_vocab_rows != student_vocab_rows:
         raise UserError(f"--teacher {teacher_dir} has a different tokenizer or vocabulary than the checkpoint "
                         f"({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); distil from the model it was "
-                        "pruned from (--teacher dense), and without --vocab-keep")
+                        "pruned from (--teacher dense)")
+
+
+def _teacher_loader(teacher_path: Path, trust_remote_code: bool, kept_vocab: list[int] | None) -> Callable:
+    """Loads the teacher; for a vocabulary-pruned student, computing logits over the student's kept tokens."""
+    def load():
+        teacher = load_model(teacher_path, trust_remote_code)[0]
+        return teacher if kept_vocab is None else RestrictedVocabulary(teacher, kept_vocab)
+    return load
 
 
 def _config_vocab_rows(folder: Path) -> int | None:
@@ -177,8 +194,9 @@ def run_recover(options: RecoverOptions, on_step: Callable[[StepInfo], None] | N
     model, tokenizer = load_model(slim_dir, options.trust_remote_code)
     options = _eval_protocol(options, slim_report, model.config)
     rows = model.get_input_embeddings().weight.shape[0]
+    kept_vocab = vocab_keep(plan) if plan is not None else None
     if teacher_path is not None:
-        check_same_tokenizer(tokenizer, teacher_path, _config_vocab_rows(teacher_path), rows)
+        check_same_tokenizer(tokenizer, teacher_path, _config_vocab_rows(teacher_path), rows, kept_vocab)
     dense = load_model(source_path, options.trust_remote_code)[0] if source_path is not None and (
         options.trainer == "masked" or options.data == SELF_DATA) else None
     data = load_recovery_data(options.data, tokenizer, options.seq_len, eval_files, dense, options.self_windows,
@@ -194,7 +212,9 @@ def run_recover(options: RecoverOptions, on_step: Callable[[StepInfo], None] | N
     teacher = None
     if teacher_path is not None:
         teacher_id = weights_hash(teacher_path)
-        teacher = Teacher(lambda: load_model(teacher_path, options.trust_remote_code)[0], settings.distill,
+        if kept_vocab is not None:  # restricted logits: their own top-k cache
+            teacher_id = hashlib.sha256(f"{teacher_id}:{kept_vocab}".encode()).hexdigest()
+        teacher = Teacher(_teacher_loader(teacher_path, options.trust_remote_code, kept_vocab), settings.distill,
                           teacher_id, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     state_dir = state_dir_for(out)
     began = time.perf_counter()
