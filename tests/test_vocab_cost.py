@@ -1,7 +1,7 @@
 """`--vocab-keep auto`: the dense model with a restricted vocabulary scores text exactly as the physically
-vocabulary-pruned model does; the scorer's NLL per byte matches a hand computation; the choice is the fewest
-tokens within the tolerance and inside the ratio's budget; through the prune job it prunes what is free, records
-what it measured, replays byte for byte and refuses what it cannot do in one line."""
+vocabulary-pruned model does; the scorer's NLL per byte matches a hand computation; the search finds the lowest
+cost a brute force finds; through the prune job each measured cost is what the saved checkpoint of that plan
+scores in a fresh load, the choice replays byte for byte, and what it cannot do is refused in one line."""
 from __future__ import annotations
 
 import copy
@@ -17,14 +17,16 @@ from depgraph_llm.errors import UserError
 from depgraph_llm.job.options import PruneOptions
 from depgraph_llm.job.prune import run_prune
 from depgraph_llm.job.replay_plan import run_apply
+from depgraph_llm.checkpoint.loading import load_model
 from depgraph_llm.planning.vocab import kept_token_ids, restricted_tokenizer
 from depgraph_llm.planning import vocab_cost
 from depgraph_llm.planning.vocab_cost import (
     RestrictedVocabulary,
-    choose_vocab_keep,
     counted_and_heldout,
     grid,
+    lowest_cost,
     nll_per_byte,
+    search_steps,
 )
 from tests.tiny import LICENSES, tiny_model, tiny_tokenizer
 
@@ -109,23 +111,24 @@ def test_heldout_chunks_are_disjoint_from_counted_ones_and_cover_every_text():
     assert len(heldout) <= vocab_cost.HELDOUT_CHARS + vocab_cost.CHUNK_CHARS + 200
 
 
-def test_choice_is_the_fewest_tokens_within_tolerance_inside_the_budget():
-    rows = 4096  # grid: multiples of 256 from 256 to 3840
+def test_search_finds_the_lowest_cost_of_a_brute_force():
+    rows = 4096  # grid: multiples of 256 from 256 to 3840, then the whole vocabulary
     assert grid(rows, 0) == list(range(256, 4096, 256))
     assert grid(rows, 1000) == list(range(1024, 4096, 256))
+    candidates = [*grid(rows, 0), rows]
+    valleys = [lambda k, c=c: (k - c) ** 2 / 1e6 + 1.0 for c in (300, 1700, 2304, 3500, 4096, 9000)]
+    valleys += [lambda k: math.inf if k < 1000 else 1.0 + abs(k - 2000) / 1e4,  # below the tokens text needs
+                lambda k: 1.0]  # flat: the larger vocabulary wins the tie
+    for cost in valleys:
+        calls = []
+        best, costs = lowest_cost(candidates, lambda k, cost=cost: calls.append(k) or cost(k))
+        brute = min(candidates, key=lambda k, cost=cost: (cost(k), -k))
+        assert best == brute and costs == {k: cost(k) for k in calls}
+        assert len(calls) == len(set(calls)) <= search_steps(len(candidates)) < len(candidates)
+    assert lowest_cost([rows], lambda k: 1.0) == (rows, {rows: 1.0})
 
-    def cost(keep: int) -> float:  # free down to 2300 tokens, then 1% per 100 tokens
-        return 1.0 if keep >= 2300 else 1.0 + (2300 - keep) / 10_000
 
-    calls = []
-    choice = choose_vocab_keep(lambda k: calls.append(k) or cost(k), rows, floor=0, tolerance=0.02)
-    # by hand: within 2% down to 2100; the smallest multiple of 256 at or above it is 2304
-    assert choice.keep == 2304 and len(calls) <= 4
-    assert choose_vocab_keep(cost, rows, floor=3000, tolerance=0.02).keep == 3072  # the budget binds
-    assert choose_vocab_keep(lambda k: 2.0, rows, floor=0, tolerance=0.02).keep == rows  # nothing is free
-
-
-def test_auto_prunes_a_vocabulary_the_text_does_not_use_and_replays(checkpoint, tmp_path):
+def test_auto_measures_what_the_saved_plans_score_and_replays(checkpoint, tokenizer, tmp_path):
     paragraph = ("the software is provided as is, without warranty of any kind. you may copy,\n"
                  "modify and share it under the same terms.\n")
     corpus = tmp_path / "corpus.txt"
@@ -134,8 +137,9 @@ def test_auto_prunes_a_vocabulary_the_text_does_not_use_and_replays(checkpoint, 
     result = run_prune(PruneOptions(model=str(checkpoint), out=out, ratio=0.3, vocab_keep="auto",
                                     calibration=str(corpus), **SMALL))
     record = result.report["vocabulary"]
-    measured = {m["keep"]: m["ppl_ratio"] for m in record["measured"]}
-    assert record["keep"] < VOCAB and measured[record["keep"]] <= 1 + record["tolerance"]
+    measured = {m["keep"]: m["ppl_ratio_without_reconstruction"] for m in record["measured"]}
+    finite = {k: c for k, c in measured.items() if c is not None}  # None: the widths cannot pay for the rest
+    assert record["keep"] < VOCAB and record["keep"] == min(finite, key=lambda k: (finite[k], -k))
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == record["keep"] == len(json.loads((out / "prune_plan.json").read_text())
                                                          ["keep"]["model.embed_tokens.vocab"])
@@ -143,6 +147,18 @@ def test_auto_prunes_a_vocabulary_the_text_does_not_use_and_replays(checkpoint, 
     replay = tmp_path / "replay"
     run_apply(out / "prune_plan.json", str(checkpoint), replay)
     assert (out / "model.safetensors").read_bytes() == (replay / "model.safetensors").read_bytes()
+    # the oracle: two measured sizes pruned by the numeric path (counts on the whole text, which ranks tokens as
+    # the held-out split's counts do for a repeated paragraph), saved, loaded fresh and scored by hand
+    _, heldout = counted_and_heldout([corpus.read_text()])
+    dense = load_model(checkpoint)[0].eval()
+    dense_nll, n_bytes, predicted = nll_per_byte(dense, tokenizer, heldout, SMALL["seq_len"])
+    for keep in sorted(finite)[-2:]:
+        folder = tmp_path / f"keep-{keep}"
+        run_prune(PruneOptions(model=str(checkpoint), out=folder, ratio=0.3, calibration=str(corpus),
+                               vocab_keep=None if keep == VOCAB else keep, **SMALL))
+        model, pruned_tokenizer = load_model(folder)
+        nll, _, _ = nll_per_byte(model.eval(), pruned_tokenizer, heldout, SMALL["seq_len"])
+        assert math.exp((nll - dense_nll) * n_bytes / predicted) == pytest.approx(finite[keep], abs=2e-4)
 
 
 def test_auto_vocabulary_refusals_are_one_line(checkpoint, tmp_path):
@@ -151,6 +167,6 @@ def test_auto_vocabulary_refusals_are_one_line(checkpoint, tmp_path):
                                streaming=True, **SMALL))
     with pytest.raises(UserError, match="--vocab-keep many"):
         PruneOptions(model=str(checkpoint), ratio=0.2, vocab_keep="many").validate()
-    with pytest.raises(UserError, match="--vocab-tolerance"):
-        PruneOptions(model=str(checkpoint), ratio=0.2, vocab_keep="auto", vocab_tolerance=-0.1).validate()
+    with pytest.raises(UserError, match="--vocab-keep auto.*--schedule search"):
+        PruneOptions(model=str(checkpoint), ratio=0.2, vocab_keep="auto", schedule="search").validate()
     assert not (tmp_path / "s").exists()

@@ -13,7 +13,6 @@ from depgraph_llm.calibration import DEFAULT_CALIBRATION_SAMPLES
 from depgraph_llm.errors import UserError
 from depgraph_llm.cli.recover import add_recover_args, add_recover_command, cmd_recover
 from depgraph_llm.planning.vocab_cost import AUTO_VOCAB
-from depgraph_llm.planning.vocab_cost import DEFAULT_TOLERANCE as VOCAB_TOLERANCE
 
 log = logging.getLogger("depgraph_llm")
 
@@ -55,10 +54,8 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "in every MoE layer")
     parser.add_argument("--vocab-keep", type=vocab_keep_arg, metavar="N|auto", help="keep this many tokens: "
                         "those the tokenizer produces on the calibration text first; tokenizer and embeddings shrink "
-                        "together. auto: the fewest tokens whose measured cost on held-out calibration text stays "
-                        "within --vocab-tolerance (never more than the --ratio budget)")
-    parser.add_argument("--vocab-tolerance", type=float, default=VOCAB_TOLERANCE, help="--vocab-keep auto: "
-                        "perplexity cost allowed, in the dense model's tokens (default %(default)s = 1%%)")
+                        "together. auto: the size whose whole plan (the widths pay for the rest of --ratio) "
+                        "costs least on held-out calibration text, measured without reconstruction")
     parser.add_argument("--tp-size", type=int, default=1, help="make head counts and widths divisible for this "
                         "tensor-parallel size")
     parser.add_argument("--search-generations", type=int, default=20, help="--schedule search: generations of the "
@@ -180,7 +177,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration=args.calibration, eval_text=args.eval_text,
         seed=args.seed, round_to=args.round_to, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
         hidden_ratio=args.hidden_ratio, hidden_method=args.hidden_method, layers_removed=args.layers_removed, tp_size=args.tp_size,
-        vocab_keep=args.vocab_keep, vocab_tolerance=args.vocab_tolerance, experts_keep=args.experts_keep, expert_ratio=args.expert_ratio,
+        vocab_keep=args.vocab_keep, experts_keep=args.experts_keep, expert_ratio=args.expert_ratio,
         calibration_samples=args.calibration_samples, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
         evaluate=not args.no_eval, dry_run=args.dry_run, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, streaming=args.streaming, in_memory=args.in_memory, dtype=args.dtype,

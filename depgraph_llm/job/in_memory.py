@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -29,6 +30,9 @@ from depgraph_llm.recovery.experts import prepare_expert_reconstruction
 from depgraph_llm.recovery.reconstruct import check_supported, prepare_reconstruction
 from depgraph_llm.recovery.rotation import finish_sliced_norms, rotate_residual, untie_head
 from depgraph_llm.removal.apply import finish_plan, stock_config_accepts
+
+# (make_plan, coupling, allocation) -> the allocation to plan with; make_plan plans one allocation
+AllocationChooser = Callable[[Callable[[Allocation], PrunePlan], CouplingGraph, Allocation], Allocation]
 
 
 def config_accepts(model, spec, widths: Widths) -> bool:
@@ -73,7 +77,8 @@ def prune_in_memory(model, calibration: list[torch.Tensor], options: PruneOption
                     timer: "StageTimer | None" = None, apply: bool = True,
                     search_windows: list[torch.Tensor] | None = None,
                     allocation: Allocation | None = None,
-                    heldout: list[torch.Tensor] | None = None) -> tuple[PrunePlan, "CouplingGraph"]:
+                    heldout: list[torch.Tensor] | None = None,
+                    choose_allocation: "AllocationChooser | None" = None) -> tuple[PrunePlan, "CouplingGraph"]:
     """Trace, score, plan and physically prune `model` in place; returns the plan and coupling.
 
     Reads from `options`: importance, ratio, round_to, seed, schedule, depth_metric, reconstruct,
@@ -86,7 +91,7 @@ def prune_in_memory(model, calibration: list[torch.Tensor], options: PruneOption
     config step."""
     timer = timer or StageTimer()
     plan, coupling = plan_in_memory(model, calibration, options, source_hash, timer, allocation,
-                                    search_windows=search_windows)
+                                    search_windows=search_windows, choose_allocation=choose_allocation)
     if apply:
         (apply_rotated if plan.hidden_method == "rotate" else apply_in_memory)(model, coupling, plan, calibration,
                                                                                options, timer, heldout)
@@ -95,11 +100,14 @@ def prune_in_memory(model, calibration: list[torch.Tensor], options: PruneOption
 
 def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions, source_hash: str, timer: "StageTimer",
                    allocation: Allocation | None = None, source=None,
-                   search_windows: list[torch.Tensor] | None = None) -> tuple[PrunePlan, CouplingGraph]:
+                   search_windows: list[torch.Tensor] | None = None,
+                   choose_allocation: "AllocationChooser | None" = None) -> tuple[PrunePlan, CouplingGraph]:
     """Trace, score and plan (the model is unchanged, except for the zero biases of --reconstruct bias); with a
-    streaming `source`, `model` is its skeleton and every pass visits the layers one at a time."""
+    streaming `source`, `model` is its skeleton and every pass visits the layers one at a time.
+    `choose_allocation(make_plan, coupling, allocation)` may replace the allocation once the model is scored, by
+    trying candidates through `make_plan` (the planner for one allocation)."""
     estimator = get_estimator(options.importance)
-    ratio, round_to, seed, schedule = options.ratio, options.round_to, options.seed, options.schedule
+    ratio, seed, schedule = options.ratio, options.seed, options.schedule
     reconstruct, reconstruct_mode, depth_metric = options.reconstruct, options.reconstruct_mode, options.depth_metric
     spec = spec_for(model.config.model_type)
     params_before = sum(p.numel() for p in model.parameters())
@@ -120,40 +128,63 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
     layer_count = len(coupling.of_kind(GroupKind.LAYER))
     allocation = allocation or allocation_for(options, layer_count)
     schedule_name, _ = parse_schedule(schedule)
-    width_step = math.lcm(max(1, round_to), allocation.tp_size)
     removed_layers: list[int] = []
     if schedule_name == "depth" or allocation.layers_removed:
         with timer("depth_importance"):
             removed_layers = depth_plan(model, coupling, counter, calibration, ratio, depth_metric,
                                          allocation.layers_removed, source)
         counter = counter.without_layers(frozenset(removed_layers))
+
+    def make_plan(allocation: Allocation) -> PrunePlan:
+        return _plan_widths(model, spec, coupling, counter, scores, options, allocation, removed_layers,
+                            params_before, source_hash, search_windows, estimator)
+
+    if choose_allocation is not None:  # e.g. --vocab-keep auto: try candidate allocations through the planner
+        with timer("vocabulary"):
+            allocation = choose_allocation(make_plan, coupling, allocation)
     with timer("plan"):
-        params_after = counter.count({})
-        keep, keep_nested = {}, {}
-        if schedule_name != "depth" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
-            keep, keep_nested, params_after = plan_uniform(
-                coupling, counter, scores, ratio, width_step, lambda w: config_accepts(model, spec, w),
-                loss_scaled=estimator.loss_scaled, reference=params_before, allocation=allocation)
-        if schedule_name in NONUNIFORM:  # keep the uniform head counts, redistribute the MLP removal over layers
-            head_keep = {name: len(units) for name, units in keep.items()
-                         if name in {g.name for g in coupling.of_kind(GroupKind.HEADS)}}
-            head_keep.update({name: len(rows[0]) for name, rows in keep_nested.items()})
-            redistributed = {g.name for g in coupling.groups if g.kind in REDISTRIBUTED}
-            fixed = {k: v for k, v in keep.items() if k not in redistributed}  # heads, hidden, experts, vocab
-            mlp_keep, params_after = plan_nonuniform(coupling, counter, scores, ratio, width_step, schedule_name,
-                                                     {**{k: len(v) for k, v in fixed.items()}, **head_keep},
-                                                     params_before)
-            keep = {**fixed, **mlp_keep}
-        searched = None
-        if schedule_name == "search":  # per-layer widths and dropped layers at the uniform plan's budget
-            searched = plan_search(model, coupling, counter, scores, SearchInputs(
-                keep, keep_nested, params_after, params_before, ratio, width_step), search_windows, allocation,
-                lambda w: config_accepts(model, spec, w), SearchSettings(
-                    generations=options.search_generations, time_limit_s=options.search_time_s or None,
-                    drop_chance=LAYER_DROP_CHANCE if getattr(options, "search_layer_drops", False) else 0.0),
-                seed, layer_progress("search", options.show_progress, "generation"))
-            keep, keep_nested, removed_layers = searched.keep, searched.keep_nested, searched.removed_layers
-            params_after = searched.params_after
+        plan = make_plan(allocation)
+    if hidden_method == "rotate":
+        plan.rotation_report = {"head_untied": untied}  # its vocab x k parameters are in the budget
+    check_supported(coupling, plan, reconstruct, reconstruct_mode)
+    return plan, coupling
+
+
+def _plan_widths(model, spec, coupling: CouplingGraph, counter: ParamCounter, scores: dict, options: PruneOptions,
+                 allocation: Allocation, removed_layers: list[int], params_before: int, source_hash: str,
+                 search_windows: list[torch.Tensor] | None, estimator) -> PrunePlan:
+    """The plan for one allocation once the model is scored (and its depth plan made)."""
+    ratio, round_to, seed, schedule = options.ratio, options.round_to, options.seed, options.schedule
+    reconstruct, reconstruct_mode, depth_metric = options.reconstruct, options.reconstruct_mode, options.depth_metric
+    hidden_method = getattr(options, "hidden_method", "select")
+    schedule_name, _ = parse_schedule(schedule)
+    width_step = math.lcm(max(1, round_to), allocation.tp_size)
+    params_after = counter.count({})
+    keep, keep_nested = {}, {}
+    if schedule_name != "depth" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
+        keep, keep_nested, params_after = plan_uniform(
+            coupling, counter, scores, ratio, width_step, lambda w: config_accepts(model, spec, w),
+            loss_scaled=estimator.loss_scaled, reference=params_before, allocation=allocation)
+    if schedule_name in NONUNIFORM:  # keep the uniform head counts, redistribute the MLP removal over layers
+        head_keep = {name: len(units) for name, units in keep.items()
+                     if name in {g.name for g in coupling.of_kind(GroupKind.HEADS)}}
+        head_keep.update({name: len(rows[0]) for name, rows in keep_nested.items()})
+        redistributed = {g.name for g in coupling.groups if g.kind in REDISTRIBUTED}
+        fixed = {k: v for k, v in keep.items() if k not in redistributed}  # heads, hidden, experts, vocab
+        mlp_keep, params_after = plan_nonuniform(coupling, counter, scores, ratio, width_step, schedule_name,
+                                                 {**{k: len(v) for k, v in fixed.items()}, **head_keep},
+                                                 params_before)
+        keep = {**fixed, **mlp_keep}
+    searched = None
+    if schedule_name == "search":  # per-layer widths and dropped layers at the uniform plan's budget
+        searched = plan_search(model, coupling, counter, scores, SearchInputs(
+            keep, keep_nested, params_after, params_before, ratio, width_step), search_windows, allocation,
+            lambda w: config_accepts(model, spec, w), SearchSettings(
+                generations=options.search_generations, time_limit_s=options.search_time_s or None,
+                drop_chance=LAYER_DROP_CHANCE if getattr(options, "search_layer_drops", False) else 0.0),
+            seed, layer_progress("search", options.show_progress, "generation"))
+        keep, keep_nested, removed_layers = searched.keep, searched.keep_nested, searched.removed_layers
+        params_after = searched.params_after
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,
                      schedule=f"depth-{depth_metric}" if schedule == "depth" else schedule, seed=seed,
                      ratio_requested=ratio, round_to=round_to, params_before=params_before,
@@ -162,10 +193,7 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
                      expert_reconstruct=getattr(options, "expert_reconstruct", "drop"), hidden_method=hidden_method,
                      allocation={k: v for k, v in asdict(allocation).items() if v not in (None, 1)})
     plan.search = searched.record if searched else {}
-    if hidden_method == "rotate":
-        plan.rotation_report = {"head_untied": untied}  # its vocab x k parameters are in the budget
-    check_supported(coupling, plan, reconstruct, reconstruct_mode)
-    return plan, coupling
+    return plan
 
 
 def apply_in_memory(model, coupling: CouplingGraph, plan: PrunePlan, calibration: list[torch.Tensor],

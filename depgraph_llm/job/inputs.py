@@ -18,7 +18,6 @@ from depgraph_llm.calibration.sources import (
 )
 from depgraph_llm.job.options import PruneOptions
 from depgraph_llm.planning.vocab import kept_token_ids
-from depgraph_llm.planning.vocab_cost import AUTO_VOCAB, auto_vocab
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +64,20 @@ def heldout_windows(tokenizer, eval_text: str | None, calibration: list[torch.Te
     return token_windows(tokenizer, eval_text, calibration[0].shape[-1], len(calibration), purpose="held-out")
 
 
-def vocab_ids_for(model, tokenizer, source: CalibrationSource, calibration: list[torch.Tensor],
-                  options: PruneOptions) -> tuple[list[int] | None, dict | None]:
-    """Token ids --vocab-keep keeps (None: all of them), counted on the whole calibration corpus (or the
-    self-generated windows), and for `--vocab-keep auto` the record of the measured choice."""
+def vocab_texts(tokenizer, source: CalibrationSource, calibration: list[torch.Tensor]) -> list[str]:
+    """The text --vocab-keep counts tokens on: each calibration part, or the self-generated windows decoded."""
     if source.is_self:
-        texts = ["\n".join(tokenizer.decode(window[0]) for window in calibration)]
-    else:
-        texts = [part.text for part in source.parts]
+        return ["\n".join(tokenizer.decode(window[0]) for window in calibration)]
+    return [part.text for part in source.parts]
+
+
+def vocab_ids_for(model, tokenizer, source: CalibrationSource, calibration: list[torch.Tensor],
+                  options: PruneOptions) -> list[int]:
+    """Token ids `--vocab-keep N` keeps, counted on the whole calibration corpus (or the self-generated
+    windows). (`--vocab-keep auto` chooses N with the widths: job/vocab_choice.py.)"""
     rows = model.get_input_embeddings().weight.shape[0]
-    if options.vocab_keep == AUTO_VOCAB:
-        kept, choice = auto_vocab(model, tokenizer, texts, options.ratio, options.seq_len, options.vocab_tolerance,
-                                  options.show_progress)
-        return (kept if choice.keep < rows else None), choice.record()
     if source.is_self:
         ids = [int(t) for window in calibration for t in window.flatten()]
     else:
-        ids = tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids
-    return kept_token_ids(tokenizer, Counter(ids), options.vocab_keep, rows), None
+        ids = tokenizer("\n\n".join(vocab_texts(tokenizer, source, calibration)), add_special_tokens=False).input_ids
+    return kept_token_ids(tokenizer, Counter(ids), options.vocab_keep, rows)

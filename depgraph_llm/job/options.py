@@ -16,7 +16,6 @@ from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.planning.schedules import NONUNIFORM
 from depgraph_llm.planning.search import SearchSettings
 from depgraph_llm.planning.vocab_cost import AUTO_VOCAB
-from depgraph_llm.planning.vocab_cost import DEFAULT_TOLERANCE as VOCAB_TOLERANCE
 from depgraph_llm.recovery.cross_block import CrossBlockSettings
 from depgraph_llm.recovery.experts import get_method as get_expert_method
 from depgraph_llm.recovery.reconstruct import METHODS as RECONSTRUCTIONS
@@ -84,7 +83,6 @@ class PruneOptions:
     expert_ratio: float | None = None
     tp_size: int = 1
     vocab_keep: int | str | None = None  # a number of tokens, or "auto" (planning/vocab_cost.py)
-    vocab_tolerance: float = VOCAB_TOLERANCE  # --vocab-keep auto: perplexity cost allowed on held-out text
     reconstruct: str = "obs"  # best on the benchmark (docs/results/bench-pruning)
     reconstruct_mode: str = "sequential"
     reconstruct_anchor: float = 0.1  # ls/obs refit pulled toward the original weights (recovery/solvers.py)
@@ -134,9 +132,9 @@ class PruneOptions:
         if self.vocab_keep is not None and self.vocab_keep != AUTO_VOCAB and (
                 not isinstance(self.vocab_keep, int) or self.vocab_keep < 1):
             raise UserError(f"--vocab-keep {self.vocab_keep} must be a positive number of tokens or '{AUTO_VOCAB}'")
-        if not 0.0 <= self.vocab_tolerance < 1.0:
-            raise UserError(f"--vocab-tolerance {self.vocab_tolerance} is outside [0, 1); pass the perplexity cost "
-                            "allowed, e.g. 0.01 for 1%")
+        if self.vocab_keep == AUTO_VOCAB and (self.schedule.startswith("search") or self.hidden_method == "rotate"):
+            raise UserError("--vocab-keep auto plans and applies every candidate size, which --schedule search and "
+                            "--hidden-method rotate would repeat each time; pass a number of tokens (--vocab-keep N)")
         if self.tp_size < 1:
             raise UserError(f"--tp-size {self.tp_size} must be a positive integer")
         if self.hidden_method not in HIDDEN_METHODS:

@@ -21,14 +21,17 @@ from depgraph_llm.job.inputs import (
     fit_windows_to_context,
     heldout_windows,
     vocab_ids_for,
+    vocab_texts,
 )
 from depgraph_llm.job.options import PruneOptions, PruneResult, allocation_for, default_out_dir
 from depgraph_llm.job.output import plan_report, pruned_tokenizer, save_checkpoint, source_dtype, vocab_keep
 from depgraph_llm.job.timing import StageTimer
+from depgraph_llm.job.vocab_choice import VocabSizeChooser
 from depgraph_llm.models import spec_for
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.planning.search import SearchSettings
 from depgraph_llm.planning.search_schedule import held_aside_windows
+from depgraph_llm.planning.vocab_cost import AUTO_VOCAB
 from depgraph_llm.calibration.record import calibration_record
 from depgraph_llm.job.streaming import run_prune_streaming, would_not_fit
 
@@ -72,12 +75,13 @@ def run_prune(options: PruneOptions) -> PruneResult:
         calibration = calibration_batches(model, tokenizer, cal_source, options) if needs_calibration else []
     params_before = sum(p.numel() for p in model.parameters())
     allocation = allocation_for(options, getattr(model.config, spec_for(model.config.model_type).layers_field))
-    vocab_record = None
-    if options.vocab_keep:
+    vocab_chooser = None
+    if options.vocab_keep == AUTO_VOCAB:  # chosen with the widths, once the model is scored
+        vocab_chooser = VocabSizeChooser(model, tokenizer, vocab_texts(tokenizer, cal_source, calibration), options)
+    elif options.vocab_keep:
         with timer("vocabulary"):
-            kept_ids, vocab_record = vocab_ids_for(model, tokenizer, cal_source, calibration, options)
-        if kept_ids is not None:
-            allocation = replace(allocation, vocab_ids=tuple(kept_ids))
+            kept_ids = vocab_ids_for(model, tokenizer, cal_source, calibration, options)
+        allocation = replace(allocation, vocab_ids=tuple(kept_ids))
     ppl_before = None
     if options.evaluate and not options.dry_run:
         with timer("perplexity_before"):
@@ -88,7 +92,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     if options.dry_run:
         plan, coupling = prune_in_memory(model, calibration, options, source_hash=source_hash, timer=timer,
                                          apply=False, allocation=allocation,
-                                         search_windows=search_windows)
+                                         search_windows=search_windows, choose_allocation=vocab_chooser)
         report = plan_report(model_path, source_hash, coupling, plan, timer)
         report["dry_run"] = True
         report["estimated_checkpoint_bytes"] = plan.params_after * 4
@@ -97,7 +101,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     check_free_space(out, params_before * 4)
     heldout = heldout_windows(tokenizer, eval_text, calibration, options)
     plan, coupling = prune_in_memory(model, calibration, options, source_hash=source_hash, timer=timer,
-                                     allocation=allocation, heldout=heldout, search_windows=search_windows)
+                                     allocation=allocation, heldout=heldout, search_windows=search_windows,
+                                     choose_allocation=vocab_chooser)
     plan.calibration = calibration_record(cal_source, calibration, options.seq_len, options.seed) if calibration else {}
     tokenizer = pruned_tokenizer(tokenizer, plan)
     ppl_after = None
@@ -108,8 +113,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     report = plan_report(model_path, source_hash, coupling, plan, timer)
     report["calibration"] = {"files": cal_files, "samples": len(calibration), "seq_len": options.seq_len,
                              "source": cal_source.record(options.seq_len, len(calibration), options.seed)}
-    if vocab_record is not None:
-        report["vocabulary"] = vocab_record
+    if vocab_chooser is not None:
+        report["vocabulary"] = vocab_chooser.record
     report["perplexity"] = {"protocol": "evaluation/perplexity.py", "files": eval_files,
                             "before": ppl_before.to_dict() if ppl_before else None,
                             "after": ppl_after.to_dict() if ppl_after else None}

@@ -125,7 +125,7 @@ def run_prune_streaming(options, model_path: Path, out: Path, timer):
     spec = spec_for(model.config.model_type)
     allocation = allocation_for(options, getattr(model.config, spec.layers_field))
     if options.vocab_keep:
-        kept_ids, _ = vocab_ids_for(model, tokenizer, cal_source, calibration, options)
+        kept_ids = vocab_ids_for(model, tokenizer, cal_source, calibration, options)
         allocation = replace(allocation, vocab_ids=tuple(kept_ids))
     progress = layer_progress
     ppl_before = None

@@ -1,30 +1,24 @@
-"""`--vocab-keep auto`: choose the vocabulary size by what it costs, measured.
+"""`--vocab-keep auto`: choose the vocabulary size by what the whole plan costs, measured.
 
-The calibration text is split into chunks; one in HELDOUT_EVERY is held out of the token counts. For a kept
-vocabulary of K tokens (chosen from the counts by `kept_token_ids`) the dense model is scored on the held-out text
-exactly as the vocabulary-pruned model would score it: the text tokenized by the pruned tokenizer, the new ids
-looked up in the kept embedding rows and the softmax taken over the kept rows of the LM head
-(`RestrictedVocabulary`). Its NLL per UTF-8 byte against the dense model's, in the dense model's tokens
-(`dense_equivalent_ratio`), is the cost of K. The smallest K on a grid whose cost stays within the tolerance is
-kept (binary search: fewer tokens never cost less), but never more than the ratio's whole budget; the widths pay
-for the rest. The final token set is counted on the whole calibration text.
+Removing token rows and removing widths spend the same parameter budget, so the vocabulary size is chosen with
+the widths, not before them: for a kept vocabulary of K tokens the planner fills the rest of the ratio's budget
+with widths, and the model pruned by that plan (without reconstruction) is scored on calibration text held out
+of the token counts, per UTF-8 byte so that every tokenizer is scored on the same text (`nll_per_byte`). The K
+with the lowest cost is kept (`lowest_cost`: a ternary search over a grid of sizes, which assumes one valley:
+fewer tokens cost more in the vocabulary and less in the widths). The job-level loop is job/vocab_choice.py.
+
+`RestrictedVocabulary` (the dense model computing what its vocabulary-pruned copy computes) serves the
+distillation of vocabulary-pruned students (job/recover.py).
 """
 from __future__ import annotations
 
-import logging
 import math
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from depgraph_llm.errors import UserError
-from depgraph_llm.planning.vocab import kept_token_ids, restricted_tokenizer
-
-log = logging.getLogger(__name__)
 
 AUTO_VOCAB = "auto"      # --vocab-keep auto
 HELDOUT_EVERY = 5        # one chunk in five is held out of the counts and scored
@@ -32,7 +26,6 @@ CHUNK_CHARS = 2000       # chunks are whole lines, at least this long
 HELDOUT_CHARS = 16_000   # about 4k tokens of English: enough to rank candidates, a few forward passes each
 GRID_STEPS = 16          # candidates: multiples of 1/16 of the vocabulary
 ROUND_TO = 64            # kept vocabulary a multiple of 64 rows (embedding / LM-head matmuls stay aligned)
-DEFAULT_TOLERANCE = 0.01  # "nearly free": at most 1% perplexity on held-out text, in the dense model's tokens
 
 
 class RestrictedVocabulary(nn.Module):
@@ -104,22 +97,6 @@ def _line_chunks(text: str) -> list[str]:
     return chunks
 
 
-@dataclass
-class VocabChoice:
-    """The kept vocabulary size and the measured costs that chose it (for the report)."""
-
-    keep: int
-    tolerance: float
-    floor: int  # fewest tokens the ratio's budget allows the vocabulary to keep
-    costs: dict[int, float] = field(default_factory=dict)  # K -> perplexity ratio in the dense model's tokens
-    heldout_bytes: int = 0
-
-    def record(self) -> dict:
-        return {"rule": "auto", "keep": self.keep, "tolerance": self.tolerance, "budget_floor": self.floor,
-                "heldout_bytes": self.heldout_bytes, "heldout_every": HELDOUT_EVERY,
-                "measured": [{"keep": k, "ppl_ratio": round(c, 4)} for k, c in sorted(self.costs.items())]}
-
-
 def grid(vocab_rows: int, floor: int) -> list[int]:
     """Candidate sizes, ascending: multiples of 1/GRID_STEPS of the vocabulary (rounded up to ROUND_TO), at or
     above `floor` and below the full vocabulary."""
@@ -127,26 +104,41 @@ def grid(vocab_rows: int, floor: int) -> list[int]:
     return sorted(k for k in sizes if floor <= k < vocab_rows)
 
 
-def choose_vocab_keep(cost_of: Callable[[int], float], vocab_rows: int, floor: int, tolerance: float,
-                      show_progress: bool = False) -> VocabChoice:
-    """Smallest grid size whose cost (`cost_of(K)`, a perplexity ratio, 1 = free) is within 1 + tolerance, by
-    binary search (cost does not fall as K falls); the full vocabulary when none is."""
-    candidates = grid(vocab_rows, floor)
-    choice = VocabChoice(keep=vocab_rows, tolerance=tolerance, floor=floor)
+def lowest_cost(candidates: list[int], cost_of: Callable[[int], float],
+                on_measure: Callable[[], None] | None = None) -> tuple[int, dict[int, float]]:
+    """The candidate (ascending list) with the lowest `cost_of`, by a ternary search that assumes one valley, then
+    every candidate left in the final bracket; ties go to the larger candidate. Returns it and every measured
+    cost."""
+    costs: dict[int, float] = {}
+
+    def cost(index: int) -> float:
+        k = candidates[index]
+        if k not in costs:
+            costs[k] = cost_of(k)
+            if on_measure:
+                on_measure()
+        return costs[k]
+
     low, high = 0, len(candidates) - 1
-    bar = tqdm(total=max(1, math.ceil(math.log2(len(candidates) + 1))), desc="vocabulary cost",
-               disable=not show_progress, leave=False)
-    while low <= high:
-        middle = (low + high) // 2
-        k = candidates[middle]
-        choice.costs[k] = cost_of(k)
-        bar.update(1)
-        if choice.costs[k] <= 1 + tolerance:
-            choice.keep, high = k, middle - 1
-        else:
-            low = middle + 1
-    bar.close()
-    return choice
+    while high - low > 2:
+        left, right = low + (high - low) // 3, high - (high - low) // 3
+        if cost(left) < cost(right):
+            high = right - 1
+        elif cost(left) > cost(right):
+            low = left + 1
+        else:  # a flat stretch: keep its larger side (ties go to the larger vocabulary)
+            low = left
+    for index in range(low, high + 1):
+        cost(index)
+    return min(costs, key=lambda k: (costs[k], -k)), costs
+
+
+def search_steps(candidates: int) -> int:
+    """An upper bound on the candidates `lowest_cost` measures (for its progress bar)."""
+    steps, size = 0, candidates
+    while size > 3:
+        steps, size = steps + 2, size - size // 3
+    return min(candidates, steps + size)
 
 
 def row_params(model: nn.Module) -> int:
@@ -157,35 +149,3 @@ def row_params(model: nn.Module) -> int:
     if head is not None and head.weight.data_ptr() != embedding.data_ptr():
         per_row += head.weight.shape[1] + (1 if getattr(head, "bias", None) is not None else 0)
     return per_row
-
-
-def auto_vocab(model: nn.Module, tokenizer, texts: list[str], ratio: float, seq_len: int,
-               tolerance: float = DEFAULT_TOLERANCE, show_progress: bool = False) -> tuple[list[int], VocabChoice]:
-    """Kept token ids and the choice record for `--vocab-keep auto` on calibration `texts` (see the module
-    docstring); the vocabulary removes at most `ratio` of the model's parameters."""
-    counted, heldout = counted_and_heldout(texts)
-    rows = model.get_input_embeddings().weight.shape[0]
-    total = sum(p.numel() for p in model.parameters())
-    floor = max(1, rows - int(ratio * total) // row_params(model))
-    counts = Counter(tokenizer(counted, add_special_tokens=False).input_ids)
-    dense, n_bytes, predicted = nll_per_byte(model, tokenizer, heldout, seq_len)
-    dense_bytes_per_token = n_bytes / predicted
-
-    def cost_of(keep: int) -> float:
-        try:
-            kept = kept_token_ids(tokenizer, counts, keep, rows)
-        except UserError:
-            return math.inf  # below the tokens every text needs
-        restricted, _, _ = nll_per_byte(RestrictedVocabulary(model, kept), restricted_tokenizer(tokenizer, kept),
-                                        heldout, seq_len)
-        return math.exp((restricted - dense) * dense_bytes_per_token)
-
-    was_training = model.training
-    model.eval()
-    choice = choose_vocab_keep(cost_of, rows, floor, tolerance, show_progress)
-    model.train(was_training)
-    choice.heldout_bytes = n_bytes
-    log.info("--vocab-keep auto: %d of %d tokens (measured %s)", choice.keep, rows,
-             ", ".join(f"{k}: x{c:.3f}" for k, c in sorted(choice.costs.items())))
-    all_counts = Counter(tokenizer("\n".join(texts), add_special_tokens=False).input_ids)
-    return kept_token_ids(tokenizer, all_counts, choice.keep, rows), choice

@@ -1,0 +1,95 @@
+"""`--vocab-keep auto` in the in-memory job: once the model is scored, each candidate vocabulary size is planned
+with the widths that pay for the rest of the budget, applied to a copy of the model without reconstruction and
+scored on held-out calibration text (planning/vocab_cost.py says why). Costs one extra copy of the model in memory
+while it runs, and one apply and one scoring pass per measured candidate."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from depgraph_llm.errors import UserError
+from depgraph_llm.graph.coupling import CouplingGraph
+from depgraph_llm.job.options import PruneOptions
+from depgraph_llm.job.output import pruned_tokenizer
+from depgraph_llm.job.timing import StageTimer
+from depgraph_llm.planning.budget import Allocation
+from depgraph_llm.planning.plan import PrunePlan
+from depgraph_llm.planning.vocab import kept_token_ids
+from depgraph_llm.planning.vocab_cost import (
+    HELDOUT_EVERY,
+    counted_and_heldout,
+    grid,
+    lowest_cost,
+    nll_per_byte,
+    row_params,
+    search_steps,
+)
+
+log = logging.getLogger(__name__)
+
+
+class VocabSizeChooser:
+    """An allocation chooser (job/in_memory.py) for `--vocab-keep auto` on calibration `texts`; after it has run,
+    `record` says what it measured (for the report)."""
+
+    def __init__(self, model: nn.Module, tokenizer, texts: list[str], options: PruneOptions):
+        self.model, self.tokenizer, self.texts, self.options = model, tokenizer, texts, options
+        self.record: dict | None = None
+
+    def __call__(self, make_plan: Callable[[Allocation], PrunePlan], coupling: CouplingGraph,
+                 allocation: Allocation) -> Allocation:
+        from depgraph_llm.job.in_memory import apply_in_memory  # in_memory calls this module's chooser
+
+        model, tokenizer, seq_len = self.model, self.tokenizer, self.options.seq_len
+        counted, heldout = counted_and_heldout(self.texts)
+        rows = model.get_input_embeddings().weight.shape[0]
+        total = sum(p.numel() for p in model.parameters())
+        floor = max(1, rows - int(self.options.ratio * total) // row_params(model))
+        counts = Counter(tokenizer(counted, add_special_tokens=False).input_ids)
+        was_training = model.training
+        model.eval()
+        dense, n_bytes, predicted = nll_per_byte(model, tokenizer, heldout, seq_len)
+        plain = replace(self.options, reconstruct="none", expert_reconstruct="drop", cross_block=0)
+        params: dict[int, int] = {}
+
+        def cost_of(keep: int) -> float:
+            candidate = allocation
+            if keep < rows:
+                try:
+                    candidate = replace(allocation, vocab_ids=tuple(kept_token_ids(tokenizer, counts, keep, rows)))
+                except UserError:
+                    return math.inf  # below the tokens every text needs
+            try:
+                plan = make_plan(candidate)
+            except UserError:
+                return math.inf  # the widths cannot pay for the rest of the budget
+            pruned = copy.deepcopy(model)
+            apply_in_memory(pruned, coupling, plan, [], plain, StageTimer())
+            params[keep] = plan.params_after
+            nll, _, _ = nll_per_byte(pruned, pruned_tokenizer(tokenizer, plan), heldout, seq_len)
+            return math.exp((nll - dense) * n_bytes / predicted)  # perplexity ratio in the dense model's tokens
+
+        candidates = [*grid(rows, floor), rows]
+        bar = tqdm(total=search_steps(len(candidates)), desc="vocabulary size", unit="plan",
+                   disable=not self.options.show_progress, leave=False)
+        keep, costs = lowest_cost(candidates, cost_of, on_measure=lambda: bar.update(1))
+        bar.close()
+        model.train(was_training)
+        self.record = {"rule": "auto", "keep": keep, "vocab_rows": rows, "budget_floor": floor,
+                       "heldout_bytes": n_bytes, "heldout_every": HELDOUT_EVERY,
+                       "measured": [{"keep": k, "params_after": params.get(k),
+                                     "ppl_ratio_without_reconstruction": round(c, 4) if math.isfinite(c) else None}
+                                    for k, c in sorted(costs.items())]}
+        log.info("--vocab-keep auto: %d of %d tokens (plans without reconstruction, x dense on held-out text: %s)",
+                 keep, rows, ", ".join(f"{k}: x{c:.3f}" for k, c in sorted(costs.items())))
+        if keep == rows:
+            return allocation
+        all_counts = Counter(tokenizer("\n".join(self.texts), add_special_tokens=False).input_ids)
+        return replace(allocation, vocab_ids=tuple(kept_token_ids(tokenizer, all_counts, keep, rows)))
