@@ -90,7 +90,7 @@ def prune_row(label: str, ratio: float, out: Path, model: str | None) -> dict:
             "cpu_s": round(cpu_after.children_user + cpu_after.children_system
                            - cpu_before.children_user - cpu_before.children_system, 1),
             "command": " ".join(["python", Path(command[1]).name, *command[2:]]).replace(str(out), "OUT"),
-            "timings_s": report.get("timings_s"),
+            "timings_s": report.get("timings_s"), "vocabulary": report.get("vocabulary"),
             "block_error": {k: report.get("reconstruct_report", {}).get(k) for k in ("error_calibration",
                                                                                      "error_heldout")}}
 
