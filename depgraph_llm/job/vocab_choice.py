@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from depgraph_llm.errors import UserError
+from depgraph_llm.evaluation.perplexity import dense_equivalent_ratio
 from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.job.options import PruneOptions
 from depgraph_llm.job.output import pruned_tokenizer
@@ -74,7 +75,7 @@ class VocabSizeChooser:
             apply_in_memory(pruned, coupling, plan, [], plain, StageTimer())
             params[keep] = plan.params_after
             nll, _, _ = nll_per_byte(pruned, pruned_tokenizer(tokenizer, plan), heldout, seq_len)
-            return math.exp((nll - dense) * n_bytes / predicted)  # perplexity ratio in the dense model's tokens
+            return dense_equivalent_ratio(nll, dense, n_bytes / predicted)
 
         candidates = [*grid(rows, floor), rows]
         bar = tqdm(total=search_steps(len(candidates)), desc="vocabulary size", unit="plan",
