@@ -114,7 +114,9 @@ def test_heldout_chunks_are_disjoint_from_counted_ones_and_cover_every_text():
 def test_search_finds_the_lowest_cost_of_a_brute_force():
     rows = 4096  # grid: multiples of 256 from 256 to 3840, then the whole vocabulary
     assert grid(rows, 0) == list(range(256, 4096, 256))
-    assert grid(rows, 1000) == list(range(1024, 4096, 256))
+    assert grid(rows, 1000) == list(range(1024, 4096, 256))  # the floor rounds up onto a multiple of 256
+    assert grid(rows, 1100) == [1152, *range(1280, 4096, 256)]  # the floor itself, rounded up to 64 rows
+    assert grid(rows, 1) == grid(rows, 0)  # floor 1: the vocabulary alone cannot pay, no floor candidate
     candidates = [*grid(rows, 0), rows]
     valleys = [lambda k, c=c: (k - c) ** 2 / 1e6 + 1.0 for c in (300, 1700, 2304, 3500, 4096, 9000)]
     valleys += [lambda k: math.inf if k < 1000 else 1.0 + abs(k - 2000) / 1e4,  # below the tokens text needs
@@ -159,6 +161,40 @@ def test_auto_measures_what_the_saved_plans_score_and_replays(checkpoint, tokeni
         model, pruned_tokenizer = load_model(folder)
         nll, _, _ = nll_per_byte(model.eval(), pruned_tokenizer, heldout, SMALL["seq_len"])
         assert math.exp((nll - dense_nll) * n_bytes / predicted) == pytest.approx(finite[keep], abs=2e-4)
+
+
+def test_auto_compares_the_cheapest_size_and_every_token_plan_reconstructed(checkpoint, tokenizer, tmp_path):
+    """With a reconstruction asked for, the size the plain search found and the every-token plan are both scored
+    reconstructed and the lower is kept; each reconstructed cost is what the saved checkpoint of that plan, pruned
+    by a separate run with the same reconstruction, scores in a fresh load."""
+    paragraph = ("the software is provided as is, without warranty of any kind. you may copy,\n"
+                 "modify and share it under the same terms.\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(paragraph * 400)
+    options = dict(SMALL, reconstruct="ls", calibration=str(corpus))
+    result = run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "auto", ratio=0.1, vocab_keep="auto",
+                                    **options))
+    record = result.report["vocabulary"]
+    plain = {m["keep"]: m["ppl_ratio_without_reconstruction"] for m in record["measured"]}
+    rebuilt = {m["keep"]: m["ppl_ratio_with_reconstruction"] for m in record["measured"]
+               if m["ppl_ratio_with_reconstruction"] is not None}
+    cheapest = min((k for k in plain if plain[k] is not None), key=lambda k: (plain[k], -k))
+    assert set(rebuilt) == {cheapest, VOCAB} and cheapest < VOCAB  # the every-token plan is within reach at 0.1
+    assert rebuilt[VOCAB] != plain[VOCAB]  # the every-token plan was scored after its refit, not before
+    assert record["keep"] == min(rebuilt, key=lambda k: (rebuilt[k], -k))
+    _, heldout = counted_and_heldout([corpus.read_text()])
+    dense_nll, n_bytes, predicted = nll_per_byte(load_model(checkpoint)[0].eval(), tokenizer, heldout,
+                                                 SMALL["seq_len"])
+    for keep, cost in rebuilt.items():
+        folder = tmp_path / f"keep-{keep}"
+        run_prune(PruneOptions(model=str(checkpoint), out=folder, ratio=0.1,
+                               vocab_keep=None if keep == VOCAB else keep, **options))
+        model, pruned_tokenizer = load_model(folder)
+        nll, _, _ = nll_per_byte(model.eval(), pruned_tokenizer, heldout, SMALL["seq_len"])
+        assert math.exp((nll - dense_nll) * n_bytes / predicted) == pytest.approx(cost, abs=2e-4)
+    unreconstructed = run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "plain", ratio=0.1,
+                                             vocab_keep="auto", **dict(options, reconstruct="none")))
+    assert all(m["ppl_ratio_with_reconstruction"] is None for m in unreconstructed.report["vocabulary"]["measured"])
 
 
 def test_auto_vocabulary_refusals_are_one_line(checkpoint, tmp_path):

@@ -77,7 +77,8 @@ def run_prune(options: PruneOptions) -> PruneResult:
     allocation = allocation_for(options, getattr(model.config, spec_for(model.config.model_type).layers_field))
     vocab_chooser = None
     if options.vocab_keep == AUTO_VOCAB:  # chosen with the widths, once the model is scored
-        vocab_chooser = VocabSizeChooser(model, tokenizer, vocab_texts(tokenizer, cal_source, calibration), options)
+        vocab_chooser = VocabSizeChooser(model, tokenizer, vocab_texts(tokenizer, cal_source, calibration), options,
+                                         calibration)
     elif options.vocab_keep:
         with timer("vocabulary"):
             kept_ids = vocab_ids_for(model, tokenizer, cal_source, calibration, options)

@@ -99,8 +99,11 @@ def _line_chunks(text: str) -> list[str]:
 
 def grid(vocab_rows: int, floor: int) -> list[int]:
     """Candidate sizes, ascending: multiples of 1/GRID_STEPS of the vocabulary (rounded up to ROUND_TO), at or
-    above `floor` and below the full vocabulary."""
+    above `floor` and below the full vocabulary, and `floor` itself rounded up (where the vocabulary alone pays
+    the whole budget, floor > 1) so that a cost still falling at the lowest multiple is measured to the end."""
     sizes = {min(vocab_rows, ROUND_TO * math.ceil(vocab_rows * i / GRID_STEPS / ROUND_TO)) for i in range(1, GRID_STEPS)}
+    if floor > 1:
+        sizes.add(ROUND_TO * math.ceil(floor / ROUND_TO))
     return sorted(k for k in sizes if floor <= k < vocab_rows)
 
 
