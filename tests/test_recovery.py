@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from depgraph_llm import load_pruned
 from depgraph_llm.errors import UserError
 from depgraph_llm.graph.coupling import build_coupling
+from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.models import spec_for
 from depgraph_llm.job.output import save_checkpoint
 from depgraph_llm.job.recover import RecoverOptions, run_recover, state_dir_for
@@ -41,9 +42,9 @@ def _slim_checkpoint(folder, shape: str, dense_dir=None):
     return dense_dir, folder / f"slim-{shape}"
 
 
-def _windows(count=6, length=16, seed=1):
+def _windows(count=6, length=16, seed=1, vocab=160):
     generator = torch.Generator().manual_seed(seed)
-    windows = [torch.randint(0, 160, (1, length), generator=generator) for _ in range(count)]
+    windows = [torch.randint(0, vocab, (1, length), generator=generator) for _ in range(count)]
     return RecoveryData(windows, ["random"], count * length, length, "random")
 
 
@@ -99,6 +100,34 @@ def test_masked_training_equals_training_the_slim_model(shape):
     for name, tensor in physical_state.items():
         torch.testing.assert_close(masked_state[name], tensor, atol=1e-5, rtol=0, msg=name)
     assert max((physical_state[n] - slim.state_dict()[n]).abs().max() for n in physical_state) > 1e-3
+
+
+def test_masked_training_of_a_vocabulary_pruned_plan_equals_training_the_slim_model():
+    """Rows removed from a (tied) vocabulary: the dense-shaped model trains restricted to the kept tokens, and
+    after `finish` equals the slim model trained directly, token rows included."""
+    dense = tiny_model(tie=True)
+    coupling = build_coupling(dense)
+    plan = _plan(dense, coupling, SHAPES["heterogeneous-mlp"])
+    vocab = coupling.of_kind(GroupKind.VOCAB)[0]
+    kept = sorted(torch.randperm(vocab.size, generator=torch.Generator().manual_seed(0))[:120].tolist())
+    plan.keep[vocab.name] = kept  # not a prefix: slim id i is dense id kept[i]
+    slim = copy.deepcopy(dense)
+    apply_plan(slim, build_coupling(slim), plan, spec_for("llama"))
+    assert slim.get_input_embeddings().weight.shape[0] == 120 < vocab.size
+    settings = TrainSettings(steps=4, lr=1e-2, batch_size=2, warmup_steps=1, checkpoint_every=0, seed=3)
+    data = _windows(vocab=120)  # slim-tokenizer ids
+    full = get_trainer("full")
+    physical = full.finish(train(copy.deepcopy(slim), full, data, settings)[0])
+    masked_input = copy.deepcopy(dense)
+    load_slim_into_dense(masked_input, slim, coupling, plan)
+    masked = get_trainer("masked", coupling=coupling, plan=plan, spec=spec_for("llama"))
+    pruned = masked.finish(train(masked_input, masked, data, settings)[0])
+    physical_state, masked_state = physical.state_dict(), pruned.state_dict()
+    assert physical_state.keys() == masked_state.keys()
+    for name, tensor in physical_state.items():
+        torch.testing.assert_close(masked_state[name], tensor, atol=1e-5, rtol=0, msg=name)
+    embedding = "model.embed_tokens.weight"
+    assert (physical_state[embedding] - slim.state_dict()[embedding]).abs().max() > 1e-3  # token rows trained
 
 
 def test_masked_job_end_to_end(tmp_path):
@@ -276,7 +305,8 @@ def test_recover_on_text_the_dense_model_generates(tmp_path):
 
 def test_distilling_a_vocabulary_pruned_student_from_the_dense_model(tmp_path):
     """A student that only lost tokens (--vocab-keep) is the dense model restricted to its kept ids: the teacher,
-    restricted the same way, gives it zero KL, full and top-k; a tokenizer that does not match is still refused."""
+    restricted the same way, gives it zero KL, full, top-k and masked (the dense-shaped student restricted too);
+    a tokenizer that does not match is still refused."""
     from depgraph_llm.job.options import PruneOptions
     from depgraph_llm.job.prune import run_prune
 
@@ -297,6 +327,10 @@ def test_distilling_a_vocabulary_pruned_student_from_the_dense_model(tmp_path):
     topk = run_recover(RecoverOptions(slim=slim_dir, out=tmp_path / "topk", trainer="lora", teacher="dense",
                                       teacher_topk=keep, teacher_cache=tmp_path / "cache", **dict(FAST, steps=1)))
     assert topk.report["recovery"]["loss_curve"][0][1] == pytest.approx(0.0, abs=1e-5)
+    masked = run_recover(RecoverOptions(slim=slim_dir, out=tmp_path / "masked", trainer="masked", teacher="dense",
+                                        **dict(FAST, steps=1)))  # the masked dense model, restricted, is the teacher
+    assert masked.report["recovery"]["loss_curve"][0][1] == pytest.approx(0.0, abs=1e-6)
+    assert json.loads((tmp_path / "masked" / "config.json").read_text())["vocab_size"] == keep
     other = tmp_path / "other-tokenizer"
     shutil.copytree(dense_dir, other)
     tiny_tokenizer(vocab_size=150).save_pretrained(other)

@@ -42,6 +42,16 @@ class RestrictedVocabulary(nn.Module):
         output.logits = output.logits[..., self.kept]
         return output
 
+    # the recovery loop turns these on for the model it trains (a masked, vocabulary-pruned plan trains this wrapper)
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing_disable()
+
+    def enable_input_require_grads(self) -> None:
+        self.model.enable_input_require_grads()
+
 
 @torch.no_grad()
 def nll_per_byte(model: nn.Module, tokenizer, text: str, seq_len: int) -> tuple[float, int, int]:

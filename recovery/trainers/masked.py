@@ -2,7 +2,9 @@
 slim weights at their kept positions and zeros elsewhere; the plan's masks stay at zero in the weights *and* the
 gradients (optionally only LoRA adapters train, masked too), and `finish` removes them with the same `apply` path
 the pruner uses. The dense-shaped model then computes exactly what the slim one does, so this equals training the
-slim model, which the tests check."""
+slim model, which the tests check. A plan that pruned the vocabulary trains the dense-shaped model restricted to its
+kept tokens (`RestrictedVocabulary`: the slim tokenizer's ids index the kept rows, the softmax runs over them only),
+so the removed rows take no softmax mass and get no gradient."""
 from __future__ import annotations
 
 from torch import nn
@@ -12,6 +14,7 @@ from depgraph_llm.errors import UserError
 from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.graph.groups import GroupKind
 from depgraph_llm.planning.plan import PrunePlan, axis_masks
+from depgraph_llm.planning.vocab_cost import RestrictedVocabulary
 from depgraph_llm.removal.apply import apply_plan
 
 from .base import Trainer, TrainSettings, register
@@ -21,7 +24,6 @@ from .lora import lora_config
 def check_maskable(coupling: CouplingGraph, plan: PrunePlan) -> None:
     """Refuse plans whose masked dense model would not compute what the slim one does."""
     for kind, why in ((GroupKind.HIDDEN, "norms average over the zeroed hidden channels"),
-                      (GroupKind.VOCAB, "zeroed vocabulary rows still take softmax mass"),
                       (GroupKind.EXPERTS, "a zeroed router row still takes routing mass")):
         for group in coupling.of_kind(kind):
             if group.name in plan.keep and len(plan.keep[group.name]) < group.size:
@@ -103,6 +105,8 @@ class MaskedTrainer(Trainer):
         self.coupling, self.plan, self.spec = coupling, plan, spec
         self.masks: dict[nn.Parameter, torch.Tensor] = {}
         self.lora = False
+        self.kept_vocab = next((plan.keep[g.name] for g in coupling.of_kind(GroupKind.VOCAB)
+                                if g.name in plan.keep and len(plan.keep[g.name]) < g.size), None)
 
     def _hold(self, param: nn.Parameter, mask: torch.Tensor) -> None:
         mask = mask.to(param.device, param.dtype)
@@ -112,6 +116,10 @@ class MaskedTrainer(Trainer):
             param.mul_(mask)
 
     def prepare(self, model: nn.Module, settings: TrainSettings) -> nn.Module:
+        model = self._held(model, settings)
+        return model if self.kept_vocab is None else RestrictedVocabulary(model, self.kept_vocab)
+
+    def _held(self, model: nn.Module, settings: TrainSettings) -> nn.Module:
         masks = element_masks(model, self.coupling, self.plan)
         self.lora = settings.masked_lora
         if not self.lora:
@@ -142,6 +150,8 @@ class MaskedTrainer(Trainer):
             param.mul_(mask)
 
     def finish(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, RestrictedVocabulary):
+            model = model.model
         if self.lora:
             model = model.merge_and_unload()
         for param in model.parameters():
