@@ -1,10 +1,12 @@
 """`--vocab-keep auto`: the dense model with a restricted vocabulary scores text exactly as the physically
 vocabulary-pruned model does; the scorer's NLL per byte matches a hand computation; the search finds the lowest
 cost a brute force finds; through the prune job each measured cost is what the saved checkpoint of that plan
-scores in a fresh load, the choice replays byte for byte, and what it cannot do is refused in one line."""
+scores in a fresh load on the dense model's continuations (the criterion) and on held-out calibration text, the
+choice replays byte for byte, and what it cannot do is refused in one line."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from collections import Counter
@@ -13,7 +15,9 @@ import pytest
 import torch
 from torch import nn
 
+from depgraph_llm.calibration.self_generation import continued_text
 from depgraph_llm.errors import UserError
+from depgraph_llm.job import vocab_choice
 from depgraph_llm.job.options import PruneOptions
 from depgraph_llm.job.prune import run_prune
 from depgraph_llm.job.replay_plan import run_apply
@@ -130,18 +134,66 @@ def test_search_finds_the_lowest_cost_of_a_brute_force():
     assert lowest_cost([rows], lambda k: 1.0) == (rows, {rows: 1.0})
 
 
-def test_auto_measures_what_the_saved_plans_score_and_replays(checkpoint, tokenizer, tmp_path):
-    paragraph = ("the software is provided as is, without warranty of any kind. you may copy,\n"
-                 "modify and share it under the same terms.\n")
+PARAGRAPH = ("the software is provided as is, without warranty of any kind. you may copy,\n"
+             "modify and share it under the same terms.\n")
+
+
+def _dense_costs(checkpoint, tokenizer, texts: dict[str, str]) -> dict[str, tuple[float, int, int]]:
+    dense = load_model(checkpoint)[0].eval()
+    return {name: nll_per_byte(dense, tokenizer, text, SMALL["seq_len"]) for name, text in texts.items()}
+
+
+def _scored_fresh(folder, dense: dict[str, tuple[float, int, int]], texts: dict[str, str]) -> dict[str, float]:
+    """Perplexity ratio of the checkpoint in `folder`, loaded fresh, against the dense model, per text."""
+    model, pruned_tokenizer = load_model(folder)
+    ratios = {}
+    for name, text in texts.items():
+        nll, _, _ = nll_per_byte(model.eval(), pruned_tokenizer, text, SMALL["seq_len"])
+        dense_nll, n_bytes, predicted = dense[name]
+        ratios[name] = math.exp((nll - dense_nll) * n_bytes / predicted)
+    return ratios
+
+
+def test_continued_text_is_seeded_leaves_the_global_generator_alone_and_omits_the_openings(checkpoint, tokenizer):
+    model = load_model(checkpoint)[0].eval()
+    opening = tokenizer("zebra quartz", add_special_tokens=False).input_ids
+    starts = [opening] * 5
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = continued_text(model, tokenizer, starts, 12, seed=7, batch=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert first == continued_text(model, tokenizer, starts, 12, seed=7, batch=2)
+    assert first != continued_text(model, tokenizer, starts, 12, seed=8, batch=2)
+    assert "zebra" not in first and "quartz" not in first  # the openings are left out
+    one = continued_text(model, tokenizer, starts[:1], 12, seed=7, batch=2)
+    assert one.count("\n") >= 1 and first.count("\n") >= 5 and len(first) > 2 * len(one)  # one per opening
+
+
+def test_openings_are_evenly_spaced_runs_of_the_heldout_tokens(tokenizer):
+    text = " ".join(f"w{i}" for i in range(400))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    runs = vocab_cost.openings(tokenizer, text, count=4, length=5)
+    assert runs[0] == ids[:5] and runs[-1] == ids[-5:] and len(runs) == 4
+    assert all(any(ids[i:i + 5] == run for i in range(len(ids))) for run in runs)
+    assert vocab_cost.openings(tokenizer, "w1", count=4, length=16) == [tokenizer("w1", add_special_tokens=False)
+                                                                         .input_ids]
+
+
+def test_auto_chooses_by_the_dense_continuations_and_replays(checkpoint, tokenizer, tmp_path):
+    """Each measured cost is what the saved checkpoint of that plan scores in a fresh load, on the dense model's
+    continuations (the criterion) and on the held-out calibration text (reported); the choice is the lowest
+    continuation cost, here not the lowest held-out one, and replays byte for byte."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(paragraph * 400)
+    corpus.write_text(PARAGRAPH * 400)
     out = tmp_path / "pruned"
     result = run_prune(PruneOptions(model=str(checkpoint), out=out, ratio=0.3, vocab_keep="auto",
                                     calibration=str(corpus), **SMALL))
     record = result.report["vocabulary"]
-    measured = {m["keep"]: m["ppl_ratio_without_reconstruction"] for m in record["measured"]}
-    finite = {k: c for k, c in measured.items() if c is not None}  # None: the widths cannot pay for the rest
-    assert record["keep"] < VOCAB and record["keep"] == min(finite, key=lambda k: (finite[k], -k))
+    measured = {m["keep"]: m for m in record["measured"] if m["ppl_ratio_without_reconstruction"] is not None}
+    continuation = {k: m["ppl_ratio_without_reconstruction"] for k, m in measured.items()}
+    heldout_cost = {k: m["heldout_ppl_ratio_without_reconstruction"] for k, m in measured.items()}
+    assert record["keep"] < VOCAB and record["keep"] == min(continuation, key=lambda k: (continuation[k], -k))
+    assert record["keep"] != min(heldout_cost, key=lambda k: (heldout_cost[k], -k))
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == record["keep"] == len(json.loads((out / "prune_plan.json").read_text())
                                                          ["keep"]["model.embed_tokens.vocab"])
@@ -149,28 +201,36 @@ def test_auto_measures_what_the_saved_plans_score_and_replays(checkpoint, tokeni
     replay = tmp_path / "replay"
     run_apply(out / "prune_plan.json", str(checkpoint), replay)
     assert (out / "model.safetensors").read_bytes() == (replay / "model.safetensors").read_bytes()
-    # the oracle: two measured sizes pruned by the numeric path (counts on the whole text, which ranks tokens as
-    # the held-out split's counts do for a repeated paragraph), saved, loaded fresh and scored by hand
+    # the oracle: the continuations written again from the record (same text: sha256), two measured sizes pruned
+    # by the numeric path (counts on the whole text, which ranks tokens as the held-out split's counts do for a
+    # repeated paragraph), saved, loaded fresh and scored by hand on both texts
     _, heldout = counted_and_heldout([corpus.read_text()])
-    dense = load_model(checkpoint)[0].eval()
-    dense_nll, n_bytes, predicted = nll_per_byte(dense, tokenizer, heldout, SMALL["seq_len"])
-    for keep in sorted(finite)[-2:]:
+    facts = record["continuations"]
+    written = continued_text(load_model(checkpoint)[0].eval(), tokenizer, vocab_cost.openings(tokenizer, heldout),
+                             facts["new_tokens"], facts["seed"])
+    assert hashlib.sha256(written.encode("utf-8")).hexdigest() == facts["sha256"]
+    texts = {"continuations": written, "heldout": heldout}
+    dense = _dense_costs(checkpoint, tokenizer, texts)
+    for keep in sorted(measured)[-2:]:
         folder = tmp_path / f"keep-{keep}"
         run_prune(PruneOptions(model=str(checkpoint), out=folder, ratio=0.3, calibration=str(corpus),
                                vocab_keep=None if keep == VOCAB else keep, **SMALL))
-        model, pruned_tokenizer = load_model(folder)
-        nll, _, _ = nll_per_byte(model.eval(), pruned_tokenizer, heldout, SMALL["seq_len"])
-        assert math.exp((nll - dense_nll) * n_bytes / predicted) == pytest.approx(finite[keep], abs=2e-4)
+        ratios = _scored_fresh(folder, dense, texts)
+        assert ratios["continuations"] == pytest.approx(continuation[keep], abs=2e-4)
+        assert ratios["heldout"] == pytest.approx(heldout_cost[keep], abs=2e-4)
 
 
-def test_auto_compares_the_cheapest_size_and_every_token_plan_reconstructed(checkpoint, tokenizer, tmp_path):
+def test_auto_compares_the_cheapest_size_and_every_token_plan_reconstructed(checkpoint, tokenizer, tmp_path,
+                                                                            monkeypatch):
     """With a reconstruction asked for, the size the plain search found and the every-token plan are both scored
     reconstructed and the lower is kept; each reconstructed cost is what the saved checkpoint of that plan, pruned
-    by a separate run with the same reconstruction, scores in a fresh load."""
-    paragraph = ("the software is provided as is, without warranty of any kind. you may copy,\n"
-                 "modify and share it under the same terms.\n")
+    by a separate run with the same reconstruction, scores in a fresh load. The continuations are replaced by the
+    held-out text here: on a random-weight model they are near uniform over the vocabulary, so the plain search
+    would keep every token and there would be nothing to compare."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(paragraph * 400)
+    corpus.write_text(PARAGRAPH * 400)
+    _, heldout = counted_and_heldout([corpus.read_text()])
+    monkeypatch.setattr(vocab_choice, "continued_text", lambda *args, **kwargs: heldout)
     options = dict(SMALL, reconstruct="ls", calibration=str(corpus))
     result = run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "auto", ratio=0.1, vocab_keep="auto",
                                     **options))
@@ -182,16 +242,13 @@ def test_auto_compares_the_cheapest_size_and_every_token_plan_reconstructed(chec
     assert set(rebuilt) == {cheapest, VOCAB} and cheapest < VOCAB  # the every-token plan is within reach at 0.1
     assert rebuilt[VOCAB] != plain[VOCAB]  # the every-token plan was scored after its refit, not before
     assert record["keep"] == min(rebuilt, key=lambda k: (rebuilt[k], -k))
-    _, heldout = counted_and_heldout([corpus.read_text()])
-    dense_nll, n_bytes, predicted = nll_per_byte(load_model(checkpoint)[0].eval(), tokenizer, heldout,
-                                                 SMALL["seq_len"])
+    texts = {"heldout": heldout}
+    dense = _dense_costs(checkpoint, tokenizer, texts)
     for keep, cost in rebuilt.items():
         folder = tmp_path / f"keep-{keep}"
         run_prune(PruneOptions(model=str(checkpoint), out=folder, ratio=0.1,
                                vocab_keep=None if keep == VOCAB else keep, **options))
-        model, pruned_tokenizer = load_model(folder)
-        nll, _, _ = nll_per_byte(model.eval(), pruned_tokenizer, heldout, SMALL["seq_len"])
-        assert math.exp((nll - dense_nll) * n_bytes / predicted) == pytest.approx(cost, abs=2e-4)
+        assert _scored_fresh(folder, dense, texts)["heldout"] == pytest.approx(cost, abs=2e-4)
     unreconstructed = run_prune(PruneOptions(model=str(checkpoint), out=tmp_path / "plain", ratio=0.1,
                                              vocab_keep="auto", **dict(options, reconstruct="none")))
     assert all(m["ppl_ratio_with_reconstruction"] is None for m in unreconstructed.report["vocabulary"]["measured"])

@@ -113,3 +113,30 @@ def self_generated_windows(model, tokenizer, seq_len: int, count: int, seed: int
         order = sorted(range(len(windows)), key=lambda i: scores[i])[:count]
         windows = [windows[i] for i in sorted(order)]
     return windows
+
+
+@torch.no_grad()
+def continued_text(model, tokenizer, openings: list[list[int]], new_tokens: int, seed: int,
+                   batch: int = 4, show_progress: bool = False) -> str:
+    """What the model writes after each opening (token ids, all of one length): `new_tokens` sampled at
+    temperature 1 (end-of-text suppressed), openings left out, each continuation ended by a newline. The global torch
+    generator is left as it was."""
+    if not openings or len({len(o) for o in openings}) != 1:
+        raise ValueError("continued_text needs at least one opening, all of one length")
+    special = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)  # generate() samples from the global generator
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, len(openings), batch), desc="dense continuations", unit="batch",
+                          disable=not show_progress, leave=False):
+            ids = torch.tensor(openings[start:start + batch], device=device)
+            tokens = model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                repetition_penalty=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                suppress_tokens=special or None, pad_token_id=tokenizer.pad_token_id or 0).cpu()
+            texts.extend(tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in tokens)
+    return "".join(t + "\n" for t in texts)

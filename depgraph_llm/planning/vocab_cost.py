@@ -2,8 +2,10 @@
 
 Removing token rows and removing widths spend the same parameter budget, so the vocabulary size is chosen with
 the widths, not before them: for a kept vocabulary of K tokens the planner fills the rest of the ratio's budget
-with widths, and the model pruned by that plan (without reconstruction) is scored on calibration text held out
-of the token counts, per UTF-8 byte so that every tokenizer is scored on the same text (`nll_per_byte`). The K
+with widths, and the model pruned by that plan (without reconstruction) is scored per UTF-8 byte, so that every
+tokenizer is scored on the same text (`nll_per_byte`), on what the dense model writes when started from
+`openings` of calibration text held out of the token counts (the held-out text itself is in-register: it rarely
+needs a token the counts dropped, and flatters small vocabularies; job/vocab_choice.py). The K
 with the lowest cost is kept (`lowest_cost`: a ternary search over a grid of sizes, which assumes one valley:
 fewer tokens cost more in the vocabulary and less in the widths). The job-level loop is job/vocab_choice.py.
 
@@ -24,6 +26,9 @@ AUTO_VOCAB = "auto"      # --vocab-keep auto
 HELDOUT_EVERY = 5        # one chunk in five is held out of the counts and scored
 CHUNK_CHARS = 2000       # chunks are whole lines, at least this long
 HELDOUT_CHARS = 16_000   # about 4k tokens of English: enough to rank candidates, a few forward passes each
+OPENINGS = 8            # continuations the dense model writes for the off-register cost (`openings`)
+OPENING_TOKENS = 16     # tokens of held-out text each continuation starts from
+CONTINUATION_SEED_OFFSET = 2_000_003  # the continuations' sampling seed: --seed + this, apart from calibration's
 GRID_STEPS = 16          # candidates: multiples of 1/16 of the vocabulary
 ROUND_TO = 64            # kept vocabulary a multiple of 64 rows (embedding / LM-head matmuls stay aligned)
 
@@ -88,6 +93,17 @@ def counted_and_heldout(texts: list[str]) -> tuple[str, str]:
                 heldout.append(chunks[round_])
                 size += len(chunks[round_])
     return _joined(counted), _joined(heldout)
+
+
+def openings(tokenizer, heldout: str, count: int = OPENINGS, length: int = OPENING_TOKENS) -> list[list[int]]:
+    """`count` runs of `length` token ids, evenly spaced through the held-out text (fewer and shorter where the
+    text is short): where the dense model's continuations start."""
+    ids = tokenizer(heldout, add_special_tokens=False).input_ids
+    length = min(length, len(ids))
+    if length < 1:
+        raise UserError("--vocab-keep auto: the held-out calibration text is empty; pass more calibration text")
+    starts = sorted({round(i * (len(ids) - length) / max(1, count - 1)) for i in range(count)})
+    return [ids[s:s + length] for s in starts]
 
 
 def _joined(chunks: list[str]) -> str:
