@@ -263,3 +263,23 @@ def test_auto_vocabulary_refusals_are_one_line(checkpoint, tmp_path):
     with pytest.raises(UserError, match="--vocab-keep auto.*--schedule search"):
         PruneOptions(model=str(checkpoint), ratio=0.2, vocab_keep="auto", schedule="search").validate()
     assert not (tmp_path / "s").exists()
+
+
+def test_a_plan_names_its_kept_vocabulary_by_the_coupling_group(tokenizer):
+    """The kept token ids are found through the group the coupling built for the token rows, whatever the
+    other groups are called (an MLP channel group keeps its own list)."""
+    from depgraph_llm import build_coupling
+    from depgraph_llm.graph.groups import GroupKind
+    from depgraph_llm.planning.plan import PrunePlan
+
+    model = tiny_model(vocab_size=len(tokenizer), num_hidden_layers=1)
+    coupling = build_coupling(model)
+    vocab_groups = coupling.of_kind(GroupKind.VOCAB)  # untied: the embedding rows and the LM head rows
+    assert len(vocab_groups) == 2
+    channels = coupling.of_kind(GroupKind.CHANNELS)[0]
+    kept = sorted(range(0, len(tokenizer), 3))
+    plan = PrunePlan("", "llama", "test", "uniform", 0, 0.1, 1, 1, 1,
+                     keep={channels.name: [0, 1], **{g.name: kept for g in vocab_groups}})
+    assert plan.kept_vocabulary() == kept
+    assert PrunePlan("", "llama", "test", "uniform", 0, 0.1, 1, 1, 1,
+                     keep={channels.name: [0, 1]}).kept_vocabulary() is None

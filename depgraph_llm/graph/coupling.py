@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 from torch import nn
 
-from depgraph_llm.graph.groups import Group, GroupKind, Slice
+from depgraph_llm.graph.groups import NAME_SUFFIX, Group, GroupKind, Slice
 from depgraph_llm.graph.propagate import Propagation, propagate
 from depgraph_llm.graph.trace import Trace, trace_model
 
@@ -255,7 +255,7 @@ def _name_for(slices, kind: GroupKind, layers_path: str | None) -> tuple[int | N
         if match:
             layer = int(match.group(1))
             path = f"layers.{layer}" + (f".{match.group(2)}" if match.group(2) else "")
-    suffix = {GroupKind.HEADS: "heads", GroupKind.VOCAB: "vocab", GroupKind.EXPERTS: "experts"}.get(kind, "channels")
+    suffix = NAME_SUFFIX.get(kind, "channels")
     return layer, f"{path}.{suffix}" if path else suffix
 
 

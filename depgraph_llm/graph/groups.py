@@ -20,6 +20,10 @@ class GroupKind(str, Enum):
     EXPERT_CHANNELS = "expert_channels"  # one unit = one intermediate channel shared by all experts of a layer
 
 
+# a group's name ends in ".<suffix>" (graph/coupling.py names them); kinds not listed end in ".channels"
+NAME_SUFFIX = {GroupKind.HEADS: "heads", GroupKind.VOCAB: "vocab", GroupKind.EXPERTS: "experts"}
+
+
 @dataclass(frozen=True, order=True)
 class Slice:
     """One parameter axis that a group's units run along.

@@ -45,15 +45,9 @@ def plan_report(model_path: Path, source_hash: str, coupling: CouplingGraph, pla
     }
 
 
-def vocab_keep(plan: PrunePlan) -> list[int] | None:
-    """The token ids a plan keeps, if it prunes the vocabulary."""
-    vocab = [ids for name, ids in plan.keep.items() if name.endswith(".vocab")]
-    return vocab[0] if vocab else None
-
-
 def pruned_tokenizer(tokenizer, plan: PrunePlan):
     """The tokenizer for the pruned model: itself, or (vocabulary pruning) a copy limited to the kept ids."""
-    kept = vocab_keep(plan)
+    kept = plan.kept_vocabulary()
     return tokenizer if kept is None else restricted_tokenizer(tokenizer, kept)
 
 

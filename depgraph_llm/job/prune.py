@@ -24,7 +24,7 @@ from depgraph_llm.job.inputs import (
     vocab_texts,
 )
 from depgraph_llm.job.options import PruneOptions, PruneResult, allocation_for, default_out_dir
-from depgraph_llm.job.output import plan_report, pruned_tokenizer, save_checkpoint, source_dtype, vocab_keep
+from depgraph_llm.job.output import plan_report, pruned_tokenizer, save_checkpoint, source_dtype
 from depgraph_llm.job.timing import StageTimer
 from depgraph_llm.job.vocab_choice import VocabSizeChooser
 from depgraph_llm.models import spec_for
@@ -119,7 +119,7 @@ def run_prune(options: PruneOptions) -> PruneResult:
     report["perplexity"] = {"protocol": "evaluation/perplexity.py", "files": eval_files,
                             "before": ppl_before.to_dict() if ppl_before else None,
                             "after": ppl_after.to_dict() if ppl_after else None}
-    if vocab_keep(plan) is not None:
+    if plan.kept_vocabulary() is not None:
         report["perplexity"]["note"] = ("after: per token of the pruned tokenizer, which may split the evaluation "
                                         "text into more tokens than the source tokenizer; not strictly comparable")
     with timer("save"):

@@ -22,7 +22,6 @@ from depgraph_llm.checkpoint.loading import load_config, load_model, resolve_mod
 from depgraph_llm.errors import UserError
 from depgraph_llm.evaluation.perplexity import perplexity
 from depgraph_llm.models import spec_for
-from depgraph_llm.job.output import vocab_keep
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.planning.vocab import restricted_tokenizer
 from depgraph_llm.planning.vocab_cost import RestrictedVocabulary
@@ -194,7 +193,7 @@ def run_recover(options: RecoverOptions, on_step: Callable[[StepInfo], None] | N
     model, tokenizer = load_model(slim_dir, options.trust_remote_code)
     options = _eval_protocol(options, slim_report, model.config)
     rows = model.get_input_embeddings().weight.shape[0]
-    kept_vocab = vocab_keep(plan) if plan is not None else None
+    kept_vocab = plan.kept_vocabulary() if plan is not None else None
     if teacher_path is not None:
         check_same_tokenizer(tokenizer, teacher_path, _config_vocab_rows(teacher_path), rows, kept_vocab)
     dense = load_model(source_path, options.trust_remote_code)[0] if source_path is not None and (

@@ -10,7 +10,7 @@ import torch
 
 from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.errors import UserError
-from depgraph_llm.graph.groups import GroupKind
+from depgraph_llm.graph.groups import NAME_SUFFIX, GroupKind
 
 VOCAB_CHOOSER = "calibration-token-counts"  # --vocab-keep keeps the tokens the calibration text produces
 PRUNABLE_KINDS = (GroupKind.CHANNELS, GroupKind.HEADS, GroupKind.HIDDEN, GroupKind.VOCAB, GroupKind.EXPERTS,
@@ -52,6 +52,12 @@ class PrunePlan:
     @property
     def ratio_achieved(self) -> float:
         return 1.0 - self.params_after / self.params_before
+
+    def kept_vocabulary(self) -> list[int] | None:
+        """The token ids the plan keeps, if it prunes the vocabulary (its group is named by NAME_SUFFIX)."""
+        suffix = NAME_SUFFIX[GroupKind.VOCAB]
+        vocab = [ids for name, ids in self.keep.items() if name == suffix or name.endswith("." + suffix)]
+        return vocab[0] if vocab else None
 
     def chosen_by_kind(self, coupling: CouplingGraph) -> dict[str, str]:
         """Per group kind, what chose the kept units: the estimator, or what replaced its choice (OBS

@@ -105,8 +105,7 @@ class MaskedTrainer(Trainer):
         self.coupling, self.plan, self.spec = coupling, plan, spec
         self.masks: dict[nn.Parameter, torch.Tensor] = {}
         self.lora = False
-        self.kept_vocab = next((plan.keep[g.name] for g in coupling.of_kind(GroupKind.VOCAB)
-                                if g.name in plan.keep and len(plan.keep[g.name]) < g.size), None)
+        self.kept_vocab = plan.kept_vocabulary()
 
     def _hold(self, param: nn.Parameter, mask: torch.Tensor) -> None:
         mask = mask.to(param.device, param.dtype)
