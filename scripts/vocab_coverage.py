@@ -21,8 +21,7 @@ from depgraph_llm.calibration.sources import default_calibration_source
 from depgraph_llm.checkpoint.loading import default_model_dir, load_model
 from depgraph_llm.planning.vocab import kept_token_ids
 from depgraph_llm.planning.vocab_cost import (
-    CONTINUATION_SEED_OFFSET,
-    OPENING_TOKENS,
+    continuation_settings,
     counted_and_heldout,
     openings,
 )
@@ -44,9 +43,9 @@ def main() -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     texts = {"held-out calibration": heldout}
     texts |= {r: corpus_part(r, "evaluation").text[:200_000] for r in available_registers(EVAL_REGISTERS)}
-    texts["continuations"] = continued_text(model, tokenizer, openings(tokenizer, heldout),
-                                            max(OPENING_TOKENS, args.seq_len - OPENING_TOKENS),
-                                            args.seed + CONTINUATION_SEED_OFFSET, show_progress=True)
+    new_tokens, seed = continuation_settings(args.seq_len, args.seed)
+    texts["continuations"] = continued_text(model, tokenizer, openings(tokenizer, heldout), new_tokens, seed,
+                                            show_progress=True)
     ids = {name: tokenizer(text, add_special_tokens=False).input_ids for name, text in texts.items()}
     print("share of tokens outside the kept set")
     print(f"{'kept':>8}  " + "  ".join(f"{name:>20}" for name in texts))

@@ -36,9 +36,8 @@ from depgraph_llm.planning.budget import Allocation
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.planning.vocab import kept_token_ids
 from depgraph_llm.planning.vocab_cost import (
-    CONTINUATION_SEED_OFFSET,
     HELDOUT_EVERY,
-    OPENING_TOKENS,
+    continuation_settings,
     counted_and_heldout,
     grid,
     lowest_cost,
@@ -73,8 +72,7 @@ class VocabSizeChooser:
         counts = Counter(tokenizer(counted, add_special_tokens=False).input_ids)
         was_training = model.training
         model.eval()
-        seed = self.options.seed + CONTINUATION_SEED_OFFSET
-        new_tokens = max(OPENING_TOKENS, seq_len - OPENING_TOKENS)
+        new_tokens, seed = continuation_settings(seq_len, self.options.seed)
         starts = openings(tokenizer, heldout)
         written = continued_text(model, tokenizer, starts, new_tokens, seed,
                                  show_progress=self.options.show_progress)

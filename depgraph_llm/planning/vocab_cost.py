@@ -106,6 +106,11 @@ def openings(tokenizer, heldout: str, count: int = OPENINGS, length: int = OPENI
     return [ids[s:s + length] for s in starts]
 
 
+def continuation_settings(seq_len: int, seed: int) -> tuple[int, int]:
+    """(new tokens per continuation, sampling seed) of the dense continuations `--vocab-keep auto` scores on."""
+    return max(OPENING_TOKENS, seq_len - OPENING_TOKENS), seed + CONTINUATION_SEED_OFFSET
+
+
 def _joined(chunks: list[str]) -> str:
     return "".join(c if c.endswith("\n") else c + "\n" for c in chunks)
 
