@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from depgraph_llm.calibration.corpora import corpus_part
 from depgraph_llm.checkpoint.loading import default_model_dir, load_model
+from depgraph_llm.errors import UserError
 
 
 @torch.no_grad()
@@ -82,4 +83,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -19,6 +19,7 @@ from depgraph_llm.calibration.corpora import available_registers, corpus_part
 from depgraph_llm.calibration.self_generation import continued_text
 from depgraph_llm.calibration.sources import default_calibration_source
 from depgraph_llm.checkpoint.loading import default_model_dir, load_model
+from depgraph_llm.errors import UserError
 from depgraph_llm.planning.vocab import kept_token_ids
 from depgraph_llm.planning.vocab_cost import (
     continuation_settings,
@@ -56,4 +57,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
