@@ -12,13 +12,15 @@ log = logging.getLogger(__name__)
 def evaluate_tasks(model: nn.Module, tokenizer, tasks_dir: Path | None, task_names: list[str],
                    limit: int | None = None, batch_size: int = 8) -> dict[str, dict]:
     """Run lm-eval's simple_evaluate on `task_names` defined in `tasks_dir` (None: lm-eval's built-in tasks,
-    whose datasets must already be in the local HF datasets cache); {task: {"acc": .., "items": ..}}."""
+    whose datasets must already be in the local HF datasets cache); {task: {"acc": .., "items": ..}}. The choices of an
+    item share one pass over its context (evaluation/shared_context.py)."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from .shared_context import SharedContextHFLM
+
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+    lm = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     manager = (TaskManager(include_path=str(tasks_dir), include_defaults=False) if tasks_dir is not None
                else TaskManager())
     results = simple_evaluate(model=lm, tasks=task_names, task_manager=manager, limit=limit, bootstrap_iters=0,
