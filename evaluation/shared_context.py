@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -43,14 +44,18 @@ class SharedContextHFLM(HFLM):
                 answers[index] = answer
         return answers
 
+    @cached_property
+    def _last_logits_only(self) -> dict:
+        """Forward arguments that skip the LM head on all but the last position, where the model takes them."""
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+
     def _score_shared(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
         """(sum of log-probabilities, greedy match) of each continuation after `context`, the context run once."""
         longest = max(len(c) for c in continuations)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             # Only the last context position predicts a continuation token: skip the LM head everywhere else.
-            keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
-            out = self.model(torch.tensor([context], device=self.device), use_cache=True, **keep)
+            out = self.model(torch.tensor([context], device=self.device), use_cache=True, **self._last_logits_only)
             first = F.log_softmax(out.logits[0, -1], dim=-1, dtype=self.softmax_dtype)
             rows = [first.unsqueeze(0)] * len(continuations)
             if longest > 1:
