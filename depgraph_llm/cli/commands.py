@@ -65,6 +65,9 @@ def _add_prune_args(parser: argparse.ArgumentParser) -> None:
                         "the best profile found; 0: run every generation (then the result does not depend on speed)")
     parser.add_argument("--search-layer-drops", action="store_true", help="--schedule search: candidates may "
                         "also drop whole layers (off by default: the reconstruction cannot recover them)")
+    parser.add_argument("--search-fitness", default="masked", help="--schedule "
+                        "search: score candidates with their removed units masked (default), or with the projections "
+                        "that read them refitted by least squares first, as the reconstruction will (slower)")
     parser.add_argument("--depth-metric", default="bi", help="depth schedule: bi (Block Influence, any layers) or "
                         "angular (angular distance, one contiguous block)")
     parser.add_argument("--reconstruct", default="obs", help="retrain-free reconstruction of the layers that lose "
@@ -171,7 +174,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     options = PruneOptions(
         model=args.model or args.model_pos, ratio=args.ratio, out=args.out, importance=args.importance,
         schedule=args.schedule, search_generations=args.search_generations, search_time_s=args.search_time,
-        search_layer_drops=args.search_layer_drops,
+        search_layer_drops=args.search_layer_drops, search_fitness=args.search_fitness,
         depth_metric=args.depth_metric, reconstruct=args.reconstruct,
         reconstruct_mode=args.reconstruct_mode, expert_reconstruct=args.expert_reconstruct,
         calibration=args.calibration, eval_text=args.eval_text,

@@ -23,6 +23,7 @@ from depgraph_llm.planning.budget import RATIO_TOLERANCE, Allocation, ParamCount
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.planning.schedules import NONUNIFORM, REDISTRIBUTED, plan_nonuniform
 from depgraph_llm.planning.search import LAYER_DROP_CHANCE, SearchSettings
+from depgraph_llm.planning.refit_fitness import RefitSettings
 from depgraph_llm.planning.search_schedule import SearchInputs, plan_search
 from depgraph_llm.recovery.bias_params import enable_zero_biases
 from depgraph_llm.recovery.cross_block import CrossBlock, prepare_cross_block
@@ -137,7 +138,7 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
 
     def make_plan(allocation: Allocation) -> PrunePlan:
         return _plan_widths(model, spec, coupling, counter, scores, options, allocation, removed_layers,
-                            params_before, source_hash, search_windows, estimator)
+                            params_before, source_hash, search_windows, estimator, calibration)
 
     if choose_allocation is not None:  # e.g. --vocab-keep auto: try candidate allocations through the planner
         with timer("vocabulary"):
@@ -152,7 +153,8 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
 
 def _plan_widths(model, spec, coupling: CouplingGraph, counter: ParamCounter, scores: dict, options: PruneOptions,
                  allocation: Allocation, removed_layers: list[int], params_before: int, source_hash: str,
-                 search_windows: list[torch.Tensor] | None, estimator) -> PrunePlan:
+                 search_windows: list[torch.Tensor] | None, estimator,
+                 calibration: list[torch.Tensor] | None = None) -> PrunePlan:
     """The plan for one allocation once the model is scored (and its depth plan made)."""
     ratio, round_to, seed, schedule = options.ratio, options.round_to, options.seed, options.schedule
     reconstruct, reconstruct_mode, depth_metric = options.reconstruct, options.reconstruct_mode, options.depth_metric
@@ -182,7 +184,10 @@ def _plan_widths(model, spec, coupling: CouplingGraph, counter: ParamCounter, sc
             lambda w: config_accepts(model, spec, w), SearchSettings(
                 generations=options.search_generations, time_limit_s=options.search_time_s or None,
                 drop_chance=LAYER_DROP_CHANCE if getattr(options, "search_layer_drops", False) else 0.0),
-            seed, layer_progress("search", options.show_progress, "generation"))
+            seed, layer_progress("search", options.show_progress, "generation"),
+            refit=(RefitSettings(calibration, options.reconstruct_anchor)
+                   if options.search_fitness == "refit" else None),
+            refit_progress=layer_progress("search statistics", options.show_progress))
         keep, keep_nested, removed_layers = searched.keep, searched.keep_nested, searched.removed_layers
         params_after = searched.params_after
     plan = PrunePlan(model_hash=source_hash, model_type=model.config.model_type, estimator=estimator.name,

@@ -59,6 +59,7 @@ DEPTH_METRICS = ("bi", "angular")
 
 
 HIDDEN_METHODS = ("select", "rotate")
+SEARCH_FITNESSES = ("masked", "refit")  # planning/fitness.py, planning/refit_fitness.py
 
 
 @dataclass
@@ -73,6 +74,7 @@ class PruneOptions:
     search_generations: int = SearchSettings.generations  # --schedule search (planning/search.py)
     search_layer_drops: bool = False  # --schedule search may also drop whole layers
     search_time_s: float = SearchSettings.time_limit_s  # --schedule search: no generation after this (0: no limit)
+    search_fitness: str = "masked"  # --schedule search: masked, or refit (planning/refit_fitness.py)
     depth_metric: str = "bi"
     mlp_ratio: float | None = None
     head_ratio: float | None = None
@@ -152,6 +154,13 @@ class PruneOptions:
             raise UserError(f"--search-generations {self.search_generations} must be 0 or more")
         if not self.reconstruct_anchor >= 0:
             raise UserError(f"--reconstruct-anchor {self.reconstruct_anchor} must be 0 (plain least squares) or more")
+        if self.search_fitness not in SEARCH_FITNESSES:
+            raise UserError(f"--search-fitness {self.search_fitness!r} is not available; choose one of: "
+                            f"{', '.join(SEARCH_FITNESSES)}")
+        if self.search_fitness == "refit" and self.reconstruct not in ("obs", "ls"):
+            raise UserError(f"--search-fitness refit scores candidates as the least-squares refit leaves them, "
+                            f"which --reconstruct {self.reconstruct} does not do; use --reconstruct obs or ls, or "
+                            "--search-fitness masked")
         if not self.search_time_s >= 0:
             raise UserError(f"--search-time {self.search_time_s} must be 0 (no limit) or a number of seconds")
         get_expert_method(self.expert_reconstruct)

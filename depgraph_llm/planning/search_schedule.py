@@ -13,6 +13,7 @@ from depgraph_llm.errors import UserError
 from depgraph_llm.graph.coupling import CouplingGraph
 from depgraph_llm.planning.budget import Allocation, ParamCounter, Widths
 from depgraph_llm.planning.fitness import ProfileScorer
+from depgraph_llm.planning.refit_fitness import RefitProfileScorer, RefitSettings
 from depgraph_llm.planning.search import SearchSettings, evolve, params_of
 from depgraph_llm.planning.search_levels import (budget_band, level_database, profile_keep, profile_record,
                                                  searched_layers, uniform_profile)
@@ -46,8 +47,10 @@ class SearchInputs:
 def plan_search(model: nn.Module, coupling: CouplingGraph, counter: ParamCounter, scores: dict[str, torch.Tensor],
                 start: SearchInputs, held_out: list[torch.Tensor], allocation: Allocation,
                 is_valid: Callable[[Widths], bool], settings: SearchSettings, seed: int,
-                progress: Callable[[Iterable, int], Iterable] | None = None) -> SearchedPlan:
-    """Search per-layer MLP widths, attention levels and dropped layers at the uniform plan's budget."""
+                progress: Callable[[Iterable, int], Iterable] | None = None, refit: RefitSettings | None = None,
+                refit_progress: Callable[[Iterable, int], Iterable] | None = None) -> SearchedPlan:
+    """Search per-layer MLP widths, attention levels and dropped layers at the uniform plan's budget; with
+    `refit`, candidates are scored after a least-squares refit of the projections they mask."""
     if held_out is None:
         raise UserError("--schedule search scores candidates on the model in memory; drop --streaming / --device")
     if allocation.layers_removed is not None or allocation.hidden_ratio is not None:
@@ -63,8 +66,11 @@ def plan_search(model: nn.Module, coupling: CouplingGraph, counter: ParamCounter
     budget = budget_band(full, start.reference, start.ratio, start.params_after, max(steps, default=1))
     if params_of(profile, levels, full) != start.params_after:
         raise RuntimeError("internal error: the level database does not add up to the uniform plan's count")
-    with ProfileScorer(model, coupling, layers, levels, scores, held_out) as scorer:
+    scorer = (ProfileScorer(model, coupling, layers, levels, scores, held_out) if refit is None else
+              RefitProfileScorer(model, coupling, layers, levels, scores, held_out, refit, refit_progress))
+    with scorer:
         result = evolve(profile, levels, budget, scorer, settings, seed, progress)
+    refits = getattr(scorer, "solves", None)
     keep, keep_nested, removed = profile_keep(layers, levels, result.profile, scores)
     keep.update({k: v for k, v in start.keep.items() if k not in searched})
     params_after = counter.count({**fixed, **{k: len(v) for k, v in keep.items()},
@@ -77,7 +83,12 @@ def plan_search(model: nn.Module, coupling: CouplingGraph, counter: ParamCounter
         log.warning("search: stopped at the %.0f s limit after %d of %d generations (--search-time)",
                     settings.time_limit_s, len(result.history), settings.generations)
     record = {"profile": profile_record(levels, result.profile), "uniform": result.profile.is_uniform(levels),
-              "fitness": "KL(dense || masked) per token on held-aside windows",
+              "fitness": ("KL(dense || masked) per token on held-aside windows" if refit is None else
+                          "KL(dense || masked, masked projections refitted by anchored least squares on the "
+                          "calibration windows) per token on held-aside windows"),
+              **({} if refit is None else {"refit": {"anchor": refit.anchor, "damp": refit.damp,
+                                                      "calibration_windows": len(refit.calibration),
+                                                      "solves": refits}}),
               "start_fitness": result.start_fitness, "best_fitness": result.fitness,
               "history": result.history, "evaluations": result.evaluations,
               "generations_run": len(result.history), "stopped_by": result.stopped_by,
