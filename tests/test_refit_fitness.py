@@ -18,7 +18,7 @@ from depgraph_llm.planning.refit_fitness import RefitProfileScorer, RefitSetting
 from depgraph_llm.planning.search import Budget, Profile, SearchSettings, evolve, params_of
 from depgraph_llm.planning.search_levels import level_database, profile_keep, searched_layers
 from depgraph_llm.recovery.reconstruct import reconstruct
-from tests.tiny import save_tiny_checkpoint, tiny_model
+from tests.tiny import random_search_scores, save_tiny_checkpoint, tiny_model
 
 
 def _setup(model):
@@ -38,12 +38,7 @@ def test_refit_candidate_equals_the_local_least_squares_reconstruction():
     anchor) on a copy of the model with the plan the profile maps to; its logits must equal the candidate's."""
     model = tiny_model(num_hidden_layers=3, intermediate_size=40)
     coupling, counter, layers, levels = _setup(model)
-    torch.manual_seed(3)
-    scores = {}
-    for lg in layers:
-        scores[lg.mlp.name] = torch.rand(lg.mlp.size)
-        scores[lg.heads.name] = torch.rand(lg.heads.size)
-        scores[lg.heads.nested.name] = torch.rand(lg.heads.size, lg.heads.nested.size)
+    scores = random_search_scores(layers, seed=3)
     heads = [lv.heads.index(level) for lv, level in zip(levels, [(2, 1), (2, 2), (1, 2)])]
     profile = Profile(mlp=(20, 39, 9), heads=tuple(heads), dropped=(False,) * 3)
     calibration, held_out = _windows(4, 24, 1), _windows(1, 16, 2)

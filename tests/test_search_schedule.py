@@ -13,7 +13,7 @@ from depgraph_llm.job.options import PruneOptions
 from depgraph_llm.job.prune import run_prune
 from depgraph_llm.planning.search import Budget, LayerLevels, Profile, SearchSettings, evolve, mutate, params_of
 from depgraph_llm.removal.slim_config import is_heterogeneous
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import random_search_scores, tiny_model, tiny_tokenizer
 
 SMALL = dict(seq_len=32, calibration_samples=2, round_to=1, show_progress=False, evaluate=False, reconstruct="none")
 IDENTITY_LAYER = 2
@@ -206,12 +206,7 @@ def test_masked_candidate_computes_what_the_pruned_model_computes():
     counter = ParamCounter({n: tuple(p.shape) for n, p in model.named_parameters()}, coupling)
     layers = searched_layers(coupling)
     levels = level_database(layers, counter, 1, Allocation(), lambda widths: True)
-    torch.manual_seed(3)
-    scores = {}
-    for lg in layers:
-        scores[lg.mlp.name] = torch.rand(lg.mlp.size)
-        scores[lg.heads.name] = torch.rand(lg.heads.size)
-        scores[lg.heads.nested.name] = torch.rand(lg.heads.size, lg.heads.nested.size)
+    scores = random_search_scores(layers, seed=3)
     heads = [lv.heads.index(level) for lv, level in zip(levels, [(1, 2), (2, 2), (2, 1), (1, 1)])]
     profile = Profile(mlp=(4, 39, 19, 30), heads=tuple(heads), dropped=(False, True, False, False))
     ids = torch.randint(0, 160, (1, 20), generator=torch.Generator().manual_seed(2))

@@ -51,3 +51,14 @@ def save_tiny_checkpoint(folder: Path, model_type: str = "llama", tie: bool = Fa
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def random_search_scores(layers, seed: int) -> dict[str, torch.Tensor]:
+    """Uniform random scores for every searched group (MLP channels, KV groups, nested query heads) of `layers`."""
+    torch.manual_seed(seed)
+    scores = {}
+    for lg in layers:
+        scores[lg.mlp.name] = torch.rand(lg.mlp.size)
+        scores[lg.heads.name] = torch.rand(lg.heads.size)
+        scores[lg.heads.nested.name] = torch.rand(lg.heads.size, lg.heads.nested.size)
+    return scores
