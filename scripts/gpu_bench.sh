@@ -51,7 +51,8 @@ GRID=(python3 scripts/bench_grid.py --out "$OUT/grid" --custom "default-gpu=--re
       --custom "cal128x2048=--calibration-samples 128 --seq-len 2048 $EXTRA"
       --custom "cal128x2048+cross-block=--calibration-samples 128 --seq-len 2048 --cross-block 2
                 --cross-block-epochs 4 --cross-block-lr 1e-4 $EXTRA"
-      --custom "lora-distill-1000=--recover lora --teacher dense --recover-steps 1000 $EXTRA")
+      --custom "lora-distill-1000=--recover lora --teacher dense --recover-steps 1000 $EXTRA"
+      --custom "search-cal128x2048=--schedule search --calibration-samples 128 --seq-len 2048 $EXTRA")
 step grid-0.2 150 "${GRID[@]}" --ratios 0.2 --rows default-gpu,cal128x2048
 step grid-0.5 150 "${GRID[@]}" --ratios 0.5 --rows default-gpu,cal128x2048
 
@@ -63,6 +64,7 @@ step eval-0.25 120 python3 -m depgraph_llm.cli eval "$WORK/o25" --baseline "$DEN
 # 5. Recovery on the GPU: LoRA + distillation from the dense model (1000 steps of 4 x 128 tokens), as grid rows.
 step grid-recover 200 "${GRID[@]}" --ratios 0.5,0.2 --rows lora-distill-1000
 
-# 6. Whatever time is left: cross-block on the large calibration.
+# 6. Whatever time is left: the search schedule (the best CPU row) and cross-block on the large calibration.
+step grid-search 300 "${GRID[@]}" --ratios 0.2,0.5 --rows search-cal128x2048
 step grid-cross-block 300 "${GRID[@]}" --ratios 0.2,0.5 --rows cal128x2048+cross-block
 echo "== done" | tee -a "$LOG"
