@@ -143,19 +143,24 @@ def render(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(REGISTERS), figsize=(4 * len(REGISTERS), 3.4), sharey=True)
+    # a line per row measured at three ratios or more (single-ratio experiments stay in the table)
+    ratios_of = {label: {r["ratio"] for r in grid if r["row"] == label} for label in dict.fromkeys(r["row"] for r in grid)}
+    plotted = [label for label, ratios in ratios_of.items() if len(ratios) >= 3]
+    figure, axes = plt.subplots(1, len(REGISTERS), figsize=(4 * len(REGISTERS) + 2, 3.4), sharey=True)
     for axis, register in zip(axes, REGISTERS):
-        for label in dict.fromkeys(r["row"] for r in grid):
+        for index, label in enumerate(plotted):
             points = sorted((r["ratio"], ratio_to_dense(r, dense, register)[0]) for r in grid
                             if r["row"] == label and register in r and register in dense)
             if points:
-                axis.plot(*zip(*points), marker="o", label=label)
+                axis.plot(*zip(*points), marker="o", label=label, color=f"C{index % 10}",
+                          linestyle="-" if index < 10 else "--")
         axis.set_title(register)
         axis.set_xlabel("ratio removed")
         axis.set_yscale("log")
     axes[0].set_ylabel("perplexity / dense")
-    axes[-1].legend(fontsize=7)
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1 - 1.6 / (4 * len(REGISTERS) + 2), 1))
     figure.savefig(out / "perplexity_vs_ratio.png", dpi=120)
 
 
