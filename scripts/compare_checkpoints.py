@@ -54,6 +54,10 @@ def main() -> None:
     parser.add_argument("b", type=Path)
     parser.add_argument("--json", type=Path, help="also write the full comparison here")
     args = parser.parse_args()
+    for folder in (args.a, args.b):
+        if not (folder / "prune_plan.json").is_file() or not any(folder.glob("*.safetensors")):
+            raise SystemExit(f"error: {folder} is not a pruned checkpoint (no prune_plan.json or *.safetensors); "
+                             "pass two prune.py output folders")
     result = compare(args.a, args.b)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -154,7 +154,7 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
 def _plan_widths(model, spec, coupling: CouplingGraph, counter: ParamCounter, scores: dict, options: PruneOptions,
                  allocation: Allocation, removed_layers: list[int], params_before: int, source_hash: str,
                  search_windows: list[torch.Tensor] | None, estimator,
-                 calibration: list[torch.Tensor] | None = None) -> PrunePlan:
+                 calibration: list[torch.Tensor]) -> PrunePlan:
     """The plan for one allocation once the model is scored (and its depth plan made)."""
     ratio, round_to, seed, schedule = options.ratio, options.round_to, options.seed, options.schedule
     reconstruct, reconstruct_mode, depth_metric = options.reconstruct, options.reconstruct_mode, options.depth_metric

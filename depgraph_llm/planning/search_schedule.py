@@ -70,7 +70,6 @@ def plan_search(model: nn.Module, coupling: CouplingGraph, counter: ParamCounter
               RefitProfileScorer(model, coupling, layers, levels, scores, held_out, refit, refit_progress))
     with scorer:
         result = evolve(profile, levels, budget, scorer, settings, seed, progress)
-    refits = getattr(scorer, "solves", None)
     keep, keep_nested, removed = profile_keep(layers, levels, result.profile, scores)
     keep.update({k: v for k, v in start.keep.items() if k not in searched})
     params_after = counter.count({**fixed, **{k: len(v) for k, v in keep.items()},
@@ -88,7 +87,7 @@ def plan_search(model: nn.Module, coupling: CouplingGraph, counter: ParamCounter
                           "calibration windows) per token on held-aside windows"),
               **({} if refit is None else {"refit": {"anchor": refit.anchor, "damp": refit.damp,
                                                       "calibration_windows": len(refit.calibration),
-                                                      "solves": refits}}),
+                                                      "solves": scorer.solves}}),
               "start_fitness": result.start_fitness, "best_fitness": result.fitness,
               "history": result.history, "evaluations": result.evaluations,
               "generations_run": len(result.history), "stopped_by": result.stopped_by,
