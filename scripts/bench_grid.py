@@ -9,6 +9,7 @@ with `--backfill` (pruning is deterministic, so its other registers must come ou
     OMP_NUM_THREADS=1 python scripts/bench_grid.py --ratios 0.2,0.5 --rows default,search+cross-block \
         --out docs/results/bench-grid
     python scripts/bench_grid.py --render --out docs/results/bench-grid
+    python scripts/bench_grid.py --score DIR [DIR ...]   # a checkpoint made elsewhere, x the grid's dense row
 """
 from __future__ import annotations
 
@@ -164,6 +165,20 @@ def render(out: Path) -> None:
     figure.savefig(out / "perplexity_vs_ratio.png", dpi=120)
 
 
+def score(folders: list[Path], out: Path, tokens: int) -> None:
+    """Score checkpoints pruned outside the grid (e.g. by an experiment script) on the grid's registers and print
+    each one's perplexity and its ratio to the dense row of `out`/results.jsonl (nothing is written)."""
+    dense = next((r for r in reversed(latest_rows(out / "results.jsonl")) if r["row"] == "dense"), None)
+    if dense is None:
+        raise SystemExit(f"no dense row in {out / 'results.jsonl'}; pass --out docs/results/bench-grid (or a grid "
+                         "of the same model)")
+    texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
+    for folder in folders:
+        row = evaluate(load_pruned(folder).eval(), AutoTokenizer.from_pretrained(folder), texts, tokens)
+        ratios = {name: round(ratio_to_dense(row, dense, name)[0], 3) for name in texts if name in dense}
+        print(json.dumps({"folder": str(folder), "x_dense": ratios, **row}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.2,0.5")
@@ -177,6 +192,8 @@ def main() -> None:
                              "--reconstruct none' (then name LABEL in --rows)")
     parser.add_argument("--backfill", action="store_true",
                         help="prune again the requested rows that lack a register, and measure them on all")
+    parser.add_argument("--score", nargs="+", type=Path, metavar="DIR",
+                        help="only score these pruned checkpoints against the dense row of --out (written nowhere)")
     parser.add_argument("--peer-child", nargs=2, metavar=("RATIO", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_child:
@@ -186,6 +203,8 @@ def main() -> None:
         if not label or not flags:
             raise SystemExit(f"--custom {custom!r}: expected LABEL=FLAGS")
         ROWS[label] = flags.split()
+    if args.score:
+        return score(args.score, args.out, args.eval_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     if args.render:
