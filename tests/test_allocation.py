@@ -121,3 +121,35 @@ def test_tp_size_is_honoured_end_to_end(tmp_path_factory, tmp_path):
     rows = result.report["layer_widths_after"]
     assert all(row["kv_heads"] == 3 and row["q_heads"] in (3, 6) and row["mlp"] % 3 == 0 for row in rows)
     assert plan["allocation"] == {"tp_size": 3} and abs(result.report["ratio_achieved"] - 0.3) <= 0.01
+
+
+@pytest.mark.parametrize("extra", [{}, {"head_ratio": 0.5}, {"schedule": "search"}])
+def test_unreachable_ratio_fails_before_any_calibration_pass(deep_checkpoint, tmp_path, monkeypatch, extra):
+    """An out-of-reach ratio is refused before the scores are computed (no gradient pass is ever started), with the
+    message the planner gives once the model is scored (the oracle: plan_uniform on the estimator's real scores)."""
+    from depgraph_llm.checkpoint.loading import load_model
+    from depgraph_llm.importance import get_estimator, score_groups
+    from depgraph_llm.job import in_memory
+    from depgraph_llm.job.options import allocation_for
+    from depgraph_llm.planning.budget import ParamCounter, plan_uniform
+
+    model, _ = load_model(deep_checkpoint)
+    coupling = in_memory.couple_or_explain(model)
+    counter = ParamCounter({n: tuple(p.shape) for n, p in model.named_parameters()}, coupling)
+    scores = score_groups(model, coupling.groups, get_estimator("l2"))
+    allocation = allocation_for({"ratio": 0.8, **extra}, len(model.model.layers))
+    with pytest.raises(UserError) as scored:
+        plan_uniform(coupling, counter, scores, 0.8, 1, lambda w: True, reference=counter.count({}),
+                     allocation=allocation)
+
+    def no_scores(*args, **kwargs):
+        raise AssertionError("a calibration pass started for a ratio that no plan can reach")
+
+    monkeypatch.setattr(in_memory, "score_groups", no_scores)
+    with pytest.raises(UserError) as early:
+        run_prune(PruneOptions(model=str(deep_checkpoint), out=tmp_path / "x", ratio=0.8, **{**SMALL, **extra}))
+    assert "nearest reachable ratio" in str(early.value) and str(early.value) == str(scored.value)
+    assert not (tmp_path / "x").exists()
+    # a reachable ratio still scores the model (the check does not refuse what the planner accepts)
+    with pytest.raises(AssertionError, match="calibration pass started"):
+        run_prune(PruneOptions(model=str(deep_checkpoint), out=tmp_path / "y", ratio=0.3, **{**SMALL, **extra}))

@@ -19,7 +19,8 @@ from depgraph_llm.job.timing import StageTimer
 from depgraph_llm.layers import InMemorySource, LayerPipeline
 from depgraph_llm.layers.sink import SliceSink
 from depgraph_llm.models import nearest_supported, spec_for
-from depgraph_llm.planning.budget import RATIO_TOLERANCE, Allocation, ParamCounter, Widths, plan_depth, plan_uniform
+from depgraph_llm.planning.budget import (RATIO_TOLERANCE, Allocation, ParamCounter, Widths, check_reachable,
+                                            plan_depth, plan_uniform)
 from depgraph_llm.planning.plan import PrunePlan
 from depgraph_llm.planning.schedules import NONUNIFORM, REDISTRIBUTED, plan_nonuniform
 from depgraph_llm.planning.search import LAYER_DROP_CHANCE, SearchSettings
@@ -120,15 +121,19 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
     untied = hidden_method == "rotate" and untie_head(model)  # a tied head cannot hold the norm-folded rotation
     with timer("trace_and_couple"):
         coupling = couple_or_explain(model)
+    counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
+    layer_count = len(coupling.of_kind(GroupKind.LAYER))
+    allocation = allocation or allocation_for(options, layer_count)
+    schedule_name, _ = parse_schedule(schedule)
+    if schedule_name != "depth" and not allocation.layers_removed and choose_allocation is None:
+        # depth plans and --vocab-keep auto change the count from calibration; every other plan starts uniform
+        check_reachable(coupling, counter, ratio, math.lcm(max(1, options.round_to), allocation.tp_size),
+                        lambda w: config_accepts(model, spec, w), params_before, allocation)
     torch.manual_seed(seed)
     with timer("importance"):
         scores = (score_groups(model, coupling.groups, estimator, lambda: calibration, options.show_progress)
                   if source is None else
                   score_groups_streaming(source, coupling.groups, estimator, calibration, options.show_progress))
-    counter = ParamCounter({name: tuple(p.shape) for name, p in model.named_parameters()}, coupling)
-    layer_count = len(coupling.of_kind(GroupKind.LAYER))
-    allocation = allocation or allocation_for(options, layer_count)
-    schedule_name, _ = parse_schedule(schedule)
     removed_layers: list[int] = []
     if schedule_name == "depth" or allocation.layers_removed:
         with timer("depth_importance"):

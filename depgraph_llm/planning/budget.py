@@ -210,6 +210,26 @@ def plan_uniform(coupling: CouplingGraph, counter: ParamCounter, scores: dict[st
     return keep, keep_nested, params_after
 
 
+def blank_scores(coupling: CouplingGraph) -> dict[str, torch.Tensor]:
+    """Zero scores in every group's shape ((size,), or (outer, size) for a nested group): for the planning steps
+    whose outcome depends on parameter counts only."""
+    scores = {}
+    for g in coupling.groups:
+        scores[g.name] = torch.zeros(g.size)
+        if g.nested is not None:
+            scores[g.nested.name] = torch.zeros(g.size, g.nested.size)
+    return scores
+
+
+def check_reachable(coupling: CouplingGraph, counter: ParamCounter, ratio: float, round_to: int,
+                    is_valid: Callable[[Widths], bool], reference: int, allocation: Allocation) -> None:
+    """Raise the uniform planner's own one-line error now, before any calibration pass, when no uniform widths reach
+    `ratio` under `allocation`: whether some widths land within tolerance depends on parameter counts, not on
+    scores (on a 7B model streamed from disk the scores take hours, and the answer was known from the start)."""
+    plan_uniform(coupling, counter, blank_scores(coupling), ratio, round_to, is_valid, reference=reference,
+                 allocation=allocation)
+
+
 def _beyond_widths_hint(counter: ParamCounter, mlp: list[Group], heads: list[Group], total: int, ratio: float,
                         reach: float, allocation: Allocation) -> str:
     """When the widths cannot remove enough, say how much of the model they hold and which options reach further
