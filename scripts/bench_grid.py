@@ -165,6 +165,22 @@ def render(out: Path) -> None:
     figure.savefig(out / "perplexity_vs_ratio.png", dpi=120)
 
 
+def prune_and_score(record: dict, tokens: int = 4096) -> int:
+    """For experiment scripts that patch the engine first: prune.py with this process's arguments (which must name
+    --out), then the saved folder scored on every register, printed as one JSON line after `record`."""
+    from depgraph_llm.cli.commands import prune_main
+
+    sys.argv = ["prune.py", *sys.argv[1:]]
+    status = prune_main()
+    if status:
+        return status
+    out = Path(sys.argv[sys.argv.index("--out") + 1])
+    texts = {r: corpus_part(r, "evaluation").text for r in REGISTERS}
+    print(json.dumps({**record, **evaluate(load_pruned(out).eval(), AutoTokenizer.from_pretrained(out), texts,
+                                           tokens)}))
+    return 0
+
+
 def score(folders: list[Path], out: Path, tokens: int) -> None:
     """Score checkpoints pruned outside the grid (e.g. by an experiment script) on the grid's registers and print
     each one's perplexity and its ratio to the dense row of `out`/results.jsonl (nothing is written)."""

@@ -12,7 +12,6 @@ Not a feature: it patches `CalibrationSource.windows` for this process only (the
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,13 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grid import REGISTERS, evaluate
+from bench_grid import prune_and_score
 
 from depgraph_llm.calibration import sources
-from depgraph_llm.calibration.corpora import corpus_part
-from depgraph_llm.checkpoint.loading import load_pruned
-from depgraph_llm.cli.commands import prune_main
-from transformers import AutoTokenizer
 
 FRACTION = float(os.environ.get("FRAC", "0.5"))
 OPENING = int(os.environ.get("OPEN", "32"))
@@ -71,15 +66,7 @@ def mixed_windows(self, model, tokenizer, seq_len: int, count: int, seed: int, s
 
 def main() -> int:
     sources.CalibrationSource.windows = mixed_windows
-    sys.argv = ["prune.py", *sys.argv[1:]]
-    status = prune_main()
-    if status:
-        return status
-    out = Path(sys.argv[sys.argv.index("--out") + 1])
-    texts = {r: corpus_part(r, "evaluation").text for r in REGISTERS}
-    scores = evaluate(load_pruned(out).eval(), AutoTokenizer.from_pretrained(out), texts, 4096)
-    print(json.dumps({"fraction": FRACTION, "opening": OPENING, **scores}))
-    return 0
+    return prune_and_score({"fraction": FRACTION, "opening": OPENING})
 
 
 if __name__ == "__main__":

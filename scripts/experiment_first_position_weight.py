@@ -9,7 +9,6 @@ Not a feature: it patches `Recorder.inputs` for this process only. The gradients
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,11 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grid import REGISTERS, evaluate
+from bench_grid import prune_and_score
 
-from depgraph_llm.calibration.corpora import corpus_part
-from depgraph_llm.checkpoint.loading import load_model
-from depgraph_llm.cli.commands import prune_main
 from depgraph_llm.layers import callbacks
 
 WEIGHT = float(os.environ.get("SINK_WEIGHT", "16"))
@@ -43,15 +39,7 @@ def weighted_inputs(self, module, callback) -> None:
 
 def main() -> int:
     callbacks.Recorder.inputs = weighted_inputs
-    sys.argv = ["prune.py", *sys.argv[1:]]
-    status = prune_main()
-    if status:
-        return status
-    out = Path(sys.argv[sys.argv.index("--out") + 1])
-    model, tokenizer = load_model(out)
-    texts = {r: corpus_part(r, "evaluation").text for r in REGISTERS}
-    print(json.dumps({"weight": WEIGHT, "positions": POSITIONS, **evaluate(model.eval(), tokenizer, texts, 4096)}))
-    return 0
+    return prune_and_score({"weight": WEIGHT, "positions": POSITIONS})
 
 
 if __name__ == "__main__":
