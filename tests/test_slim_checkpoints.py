@@ -52,7 +52,8 @@ def _greedy(model) -> torch.Tensor:
 FRESH_PROCESS = textwrap.dedent("""
     import importlib.util, os, sys
     sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower() and "depgraph" not in repr(f).lower()]
-    sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[3]) and not p.startswith(sys.argv[3])]
+    # the repository and everything inside it, but not a sibling that only shares a name prefix (a venv beside it)
+    sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[3]) and not p.startswith(sys.argv[3] + os.sep)]
     assert importlib.util.find_spec("depgraph_llm") is None and importlib.util.find_spec("models") is None
     import torch
     from transformers import AutoModelForCausalLM
