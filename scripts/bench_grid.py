@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from depgraph_llm.calibration.corpora import available_registers, corpus_part  # noqa: E402
-from depgraph_llm.checkpoint.loading import load_model, load_pruned, resolve_model_path  # noqa: E402
+from depgraph_llm.checkpoint.loading import load_model, resolve_model_path  # noqa: E402
 from depgraph_llm.cli.summary import table  # noqa: E402
+from depgraph_llm.errors import UserError  # noqa: E402
 from depgraph_llm.evaluation.perplexity import dense_equivalent_ratio, perplexity  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 REGISTERS = ("fortunes", "jargon", "novels", "licences")
 CROSS_BLOCK = ["--cross-block", "2", "--cross-block-epochs", "4", "--cross-block-lr", "1e-4"]
@@ -50,6 +50,18 @@ def evaluate(model, tokenizer, texts: dict[str, str], tokens: int) -> dict:
     results = {name: perplexity(model, tokenizer, text, 512, tokens, False) for name, text in texts.items()}
     return {**{name: round(r.perplexity, 3) for name, r in results.items()},
             "per_byte": {name: [r.nll_per_byte, r.bytes_per_token] for name, r in results.items()}}
+
+
+def register_texts() -> dict[str, str]:
+    """The evaluation part of every register that is installed."""
+    return {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
+
+
+def evaluate_folder(folder: Path, texts: dict[str, str], tokens: int) -> dict:
+    """`evaluate` on a saved checkpoint (stock or per-layer) with its own tokenizer, which --vocab-keep shrinks;
+    a missing or unreadable folder is a one-line UserError."""
+    model, tokenizer = load_model(resolve_model_path(str(folder)))
+    return evaluate(model, tokenizer, texts, tokens)
 
 
 def peer_child(ratio: float, out: Path, model: str | None) -> None:
@@ -175,9 +187,7 @@ def prune_and_score(record: dict, tokens: int = 4096) -> int:
     if status:
         return status
     out = Path(sys.argv[sys.argv.index("--out") + 1])
-    texts = {r: corpus_part(r, "evaluation").text for r in REGISTERS}
-    print(json.dumps({**record, **evaluate(load_pruned(out).eval(), AutoTokenizer.from_pretrained(out), texts,
-                                           tokens)}))
+    print(json.dumps({**record, **evaluate_folder(out, register_texts(), tokens)}))
     return 0
 
 
@@ -188,9 +198,9 @@ def score(folders: list[Path], out: Path, tokens: int) -> None:
     if dense is None:
         raise SystemExit(f"no dense row in {out / 'results.jsonl'}; pass --out docs/results/bench-grid (or a grid "
                          "of the same model)")
-    texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
+    texts = register_texts()
     for folder in folders:
-        row = evaluate(load_pruned(folder).eval(), AutoTokenizer.from_pretrained(folder), texts, tokens)
+        row = evaluate_folder(folder, texts, tokens)
         ratios = {name: round(ratio_to_dense(row, dense, name)[0], 3) for name in texts if name in dense}
         print(json.dumps({"folder": str(folder), "x_dense": ratios, **row}), flush=True)
 
@@ -229,7 +239,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     model, tokenizer = load_model(resolve_model_path(args.model))
-    texts = {r: corpus_part(r, "evaluation").text for r in available_registers(REGISTERS)}
+    texts = register_texts()
     done = latest_rows(results)
     complete = [r for r in done if not args.backfill or all(n in r for n in texts)]
     if not any(r["row"] == "dense" and "per_byte" in r for r in complete):
@@ -242,9 +252,7 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory(prefix="bench-grid-") as folder:
                 row = prune_row(label, ratio, Path(folder) / "out", args.model)
-                pruned_tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "out")  # --vocab-keep shrinks it
-                row.update(evaluate(load_pruned(Path(folder) / "out").eval(), pruned_tokenizer, texts,
-                                    args.eval_tokens))
+                row.update(evaluate_folder(Path(folder) / "out", texts, args.eval_tokens))
             with results.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
@@ -252,4 +260,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # bad input (e.g. a folder that is not a checkpoint): one line, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -1,7 +1,6 @@
 """Trace, score, plan and apply on a model held in memory (one layer-pipeline pass for applying)."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -49,6 +48,11 @@ def config_accepts(model, spec, widths: Widths) -> bool:
         if spec.kv_heads_field and getattr(config, spec.kv_heads_field, None) is not None:
             updates[spec.kv_heads_field] = widths.kv
     return stock_config_accepts(config, updates)
+
+
+def stock_check(model, spec) -> Callable[[Widths], bool]:
+    """`config_accepts` for this model, as the planners' `is_valid`."""
+    return lambda widths: config_accepts(model, spec, widths)
 
 
 def depth_plan(model, coupling: CouplingGraph, counter: ParamCounter, calibration: list[torch.Tensor], ratio: float,
@@ -127,8 +131,8 @@ def plan_in_memory(model, calibration: list[torch.Tensor], options: PruneOptions
     schedule_name, _ = parse_schedule(schedule)
     if schedule_name != "depth" and not allocation.layers_removed and choose_allocation is None:
         # depth plans and --vocab-keep auto change the count from calibration; every other plan starts uniform
-        check_reachable(coupling, counter, ratio, math.lcm(max(1, options.round_to), allocation.tp_size),
-                        lambda w: config_accepts(model, spec, w), params_before, allocation)
+        check_reachable(coupling, counter, ratio, allocation.width_step(options.round_to), stock_check(model, spec),
+                        params_before, allocation)
     torch.manual_seed(seed)
     with timer("importance"):
         scores = (score_groups(model, coupling.groups, estimator, lambda: calibration, options.show_progress)
@@ -165,12 +169,12 @@ def _plan_widths(model, spec, coupling: CouplingGraph, counter: ParamCounter, sc
     reconstruct, reconstruct_mode, depth_metric = options.reconstruct, options.reconstruct_mode, options.depth_metric
     hidden_method = getattr(options, "hidden_method", "select")
     schedule_name, _ = parse_schedule(schedule)
-    width_step = math.lcm(max(1, round_to), allocation.tp_size)
+    width_step = allocation.width_step(round_to)
     params_after = counter.count({})
     keep, keep_nested = {}, {}
     if schedule_name != "depth" or abs(1 - params_after / params_before - ratio) > RATIO_TOLERANCE:
         keep, keep_nested, params_after = plan_uniform(
-            coupling, counter, scores, ratio, width_step, lambda w: config_accepts(model, spec, w),
+            coupling, counter, scores, ratio, width_step, stock_check(model, spec),
             loss_scaled=estimator.loss_scaled, reference=params_before, allocation=allocation)
     if schedule_name in NONUNIFORM:  # keep the uniform head counts, redistribute the MLP removal over layers
         head_keep = {name: len(units) for name, units in keep.items()
@@ -186,7 +190,7 @@ def _plan_widths(model, spec, coupling: CouplingGraph, counter: ParamCounter, sc
     if schedule_name == "search":  # per-layer widths and dropped layers at the uniform plan's budget
         searched = plan_search(model, coupling, counter, scores, SearchInputs(
             keep, keep_nested, params_after, params_before, ratio, width_step), search_windows, allocation,
-            lambda w: config_accepts(model, spec, w), SearchSettings(
+            stock_check(model, spec), SearchSettings(
                 generations=options.search_generations, time_limit_s=options.search_time_s or None,
                 drop_chance=LAYER_DROP_CHANCE if getattr(options, "search_layer_drops", False) else 0.0),
             seed, layer_progress("search", options.show_progress, "generation"),

@@ -123,6 +123,10 @@ class Allocation:
                 return False
         return True
 
+    def width_step(self, round_to: int) -> int:
+        """What every planned MLP width is a multiple of: --round-to and the tensor-parallel size."""
+        return math.lcm(max(1, round_to), self.tp_size)
+
     def mlp_width(self, size: int, round_to: int) -> int | None:
         if self.mlp_ratio is None:
             return None
